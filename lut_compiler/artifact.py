@@ -1,0 +1,163 @@
+"""The compiled model: run it, export it as ``model.so`` + ``manifest.json``, load it back.
+
+The exported library needs only ``tvm`` to run::
+
+    lib = tvm.runtime.load_module("out/model.so")
+    vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
+    outputs = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import LutcError
+from .feeds import check_feeds
+from .tensor_spec import TensorSpec
+
+FORMAT = "lutc-artifact/1"
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+
+
+@contextmanager
+def quiet_native_stderr():
+    """Hide TVM's C++ log lines (a "Scope Saving/Loaded" warning per kernel) around a call.
+
+    What was written is replayed if the call fails, so no error text is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced an artifact."""
+    found = {"python": platform.python_version()}
+    for dist in ("lut-compiler", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime", "onnxslim", "numpy"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class CompiledModel:
+    """A Relax VM executable with its input/output specs and compile record.
+
+    record: JSON-able facts about how it was made (target, config, tuning, phases).
+    """
+
+    def __init__(self, executable, inputs: list[TensorSpec], outputs: list[TensorSpec], record: dict,
+                 library: Path | None = None) -> None:
+        self._executable = executable
+        self._library = library  # loaded on first use when executable is None
+        self.inputs = inputs
+        self.outputs = outputs
+        self.record = record
+        self._vm = None
+
+    @property
+    def executable(self):
+        if self._executable is None:
+            with quiet_native_stderr():
+                self._executable = tvm.runtime.load_module(str(self._library))
+        return self._executable
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
+
+    def _args(self, feeds: Mapping[str, np.ndarray]) -> list:
+        return [tvm.runtime.tensor(a) for a in check_feeds(self.inputs, feeds)]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once: feeds map input names to arrays of the exact shape and dtype."""
+        result = self.vm["main"](*self._args(feeds))
+        values = [result] if len(self.outputs) == 1 else list(result)
+        return {spec.name: v.numpy() for spec, v in zip(self.outputs, values)}
+
+    def time(self, feeds: Mapping[str, np.ndarray], number: int = 10, repeat: int = 5) -> list[float]:
+        """Seconds per run, one value per repeat (each the mean of ``number`` runs)."""
+        timer = self.vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        return list(timer(*self._args(feeds)).results)
+
+    def manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "library": LIBRARY,
+            "entry": "main",
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "num_threads": self.record.get("target", {}).get("num-cores"),
+            **self.record,
+            "versions": versions(),
+        }
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``model.so`` and ``manifest.json`` into out_dir, all or nothing."""
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            with quiet_native_stderr():
+                self.executable.export_library(str(staging / LIBRARY))
+            (staging / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+            if out.exists():
+                for name in (LIBRARY, MANIFEST):
+                    os.replace(staging / name, out / name)
+            else:
+                os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
+
+
+def load(out_dir: str | os.PathLike) -> CompiledModel:
+    """Load an exported artifact (``lutc run`` uses this; deployments may use plain TVM)."""
+    out = Path(out_dir)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise LutcError(f"{out} is not a compiled model: {MANIFEST} not found") from None
+    except json.JSONDecodeError as err:
+        raise LutcError(f"{out / MANIFEST} is not valid JSON: {err}") from None
+    if manifest.get("format") != FORMAT:
+        raise LutcError(f"{out / MANIFEST}: unknown artifact format {manifest.get('format')!r}")
+    library = out / manifest["library"]
+    if not library.is_file():
+        raise LutcError(f"{library} not found")
+    record = {k: v for k, v in manifest.items() if k not in ("format", "library", "entry", "inputs", "outputs", "versions")}
+    return CompiledModel(
+        None,
+        [TensorSpec.from_json(s) for s in manifest["inputs"]],
+        [TensorSpec.from_json(s) for s in manifest["outputs"]],
+        record,
+        library=library,
+    )

@@ -1,0 +1,223 @@
+"""``lutc``: compile, tune, run, inspect and bench ONNX models. Parses arguments, calls the API.
+
+Exit codes: 0 success, 2 bad input (one ``error:`` line on stderr), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape:
+        raise argparse.ArgumentTypeError(f"expected NAME=DxDx..., e.g. input_ids=1x128, got {text!r}")
+    return name, shape
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shape", action="append", type=_shape_binding, default=[], metavar="NAME=1x128",
+                   help="bind an input's dynamic dimensions (repeatable)")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="host",
+                   help='"host" (detect this CPU), an LLVM CPU name (znver4), or a JSON target dict')
+
+
+def _add_tuning_args(p: argparse.ArgumentParser, default_trials: int) -> None:
+    from .config import PRESETS
+
+    p.add_argument("--trials", type=int, default=None, metavar="N",
+                   help=f"MetaSchedule trials per kernel (default {default_trials}; 0 = no tuning)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named tuning budget instead of --trials")
+    p.add_argument("--max-trials", type=int, default=None, metavar="N", help="cap on trials over all kernels")
+    p.add_argument("--work-dir", default=".lutc/tuning", help="tuning database, reused across runs")
+
+
+def _config(args, default_trials: int):
+    from .config import PRESETS, CompileConfig, TuneConfig
+
+    if args.preset and args.trials is not None:
+        raise _usage("give --trials or --preset, not both")
+    trials = PRESETS[args.preset].trials_per_task if args.preset else args.trials
+    tune = TuneConfig(
+        trials_per_task=default_trials if trials is None else trials,
+        max_trials=args.max_trials,
+        work_dir=args.work_dir,
+    )
+    return CompileConfig(
+        input_shapes=dict(args.input_shape),
+        tune=tune,
+        weight_prepack=not getattr(args, "no_prepack", False),
+        dump_ir=getattr(args, "dump_ir", None),
+    )
+
+
+def _usage(message: str):
+    from .errors import LutcError
+
+    return LutcError(message)
+
+
+def cmd_compile(args) -> None:
+    import lut_compiler
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise _usage(f"output {out} exists and is not a directory")
+    model = lut_compiler.compile(args.model, _config(args, default_trials=0), target=args.target,
+                                 progress=not args.quiet)
+    model.export(out)
+    tuning = model.record.get("tuning")
+    if tuning and not args.quiet:
+        print(f"tuning: {tuning['new_trials']} new trials in {tuning['seconds']} s")
+    print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
+
+
+def cmd_tune(args) -> None:
+    from .onnx_import import import_onnx
+    from .pipeline import legalize
+    from .target import resolve_target
+    from .tuning import tune
+
+    config = _config(args, default_trials=32)
+    if config.tune.trials_per_task == 0:
+        raise _usage("tune needs --trials > 0")
+    target = resolve_target(args.target)
+    mod = legalize(import_onnx(args.model, config.input_shapes).mod, target, config.weight_prepack)
+    print(tune(mod, target, config.tune, progress=not args.quiet).table())
+
+
+def _load_npz(path: str) -> dict:
+    import zipfile
+
+    import numpy as np
+
+    from .errors import FeedError
+
+    if not Path(path).is_file():
+        raise FeedError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise FeedError(f"{path} is not a readable .npz file: {err}") from None
+
+
+def cmd_run(args) -> None:
+    import numpy as np
+
+    from .artifact import load
+    from .feeds import check_feeds
+
+    model = load(args.artifact)
+    feeds = _load_npz(args.inputs)
+    check_feeds(model.inputs, feeds)  # before loading the library
+    outputs = model.run(feeds)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **outputs)
+    os.replace(tmp.name, out)
+    for name, value in outputs.items():
+        print(f"{name}: {value.dtype}[{'x'.join(map(str, value.shape))}]")
+    if args.time:
+        seconds = model.time(feeds, number=args.time, repeat=5)
+        print(f"latency: median {1e3 * float(np.median(seconds)):.3f} ms over 5 x {args.time} runs")
+
+
+def cmd_inspect(args) -> None:
+    from .onnx_import import import_onnx
+    from .passes.find_candidates import find_candidates, table
+
+    imported = import_onnx(args.model, dict(args.input_shape))
+    print("inputs:  " + ", ".join(s.describe() for s in imported.inputs))
+    print("outputs: " + ", ".join(s.describe() for s in imported.outputs))
+    print(table(find_candidates(imported.mod, imported.weight_names)))
+
+
+def cmd_bench(args) -> None:
+    from .bench.main import run
+
+    run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lutc", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile an ONNX model into OUT/model.so + OUT/manifest.json")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="artifact directory")
+    _add_target_args(p)
+    _add_tuning_args(p, default_trials=0)
+    p.add_argument("--no-prepack", action="store_true", help="keep weight layouts as in the model")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each phase into DIR")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="tune a model's kernels into the database (no artifact)")
+    _add_model_args(p)
+    _add_target_args(p)
+    _add_tuning_args(p, default_trials=32)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
+    p.add_argument("artifact", metavar="OUT_DIR", help="directory written by lutc compile")
+    p.add_argument("--inputs", required=True, metavar="FEEDS.npz", help="one array per model input name")
+    p.add_argument("--output", required=True, metavar="OUT.npz", help="where to write one array per output")
+    p.add_argument("--time", type=int, default=0, metavar="N", help="also time N runs x 5 repeats")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="list the model's inputs, outputs and matmul/conv layers")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="compare ONNX Runtime, stock TVM and lut-compiler side by side")
+    from .bench.main import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import LutcError
+
+    try:
+        args.func(args)
+    except LutcError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else is our bug: say so in one line
+        if args.debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"error: internal error ({type(err).__name__}: {first}); rerun with --debug for a traceback",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Checking run-time inputs against a model's input specs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import FeedError
+from .tensor_spec import TensorSpec
+
+
+def check_feeds(specs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Return the feeds as contiguous arrays in input order; FeedError names any mismatch."""
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in feeds]
+    extra = sorted(set(feeds) - set(names))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
+        raise FeedError(f"inputs do not match the model ({'; '.join(parts)}); expected: {', '.join(names)}")
+    arrays = []
+    for spec in specs:
+        value = np.asarray(feeds[spec.name])
+        if value.dtype != np.dtype(spec.dtype) or tuple(value.shape) != spec.shape:
+            got = TensorSpec(spec.name, tuple(value.shape), value.dtype.name)
+            raise FeedError(f"input mismatch: expected {spec.describe()}, got {got.describe()}")
+        arrays.append(np.ascontiguousarray(value))
+    return arrays

@@ -1,0 +1,115 @@
+"""``compile``: the pipeline as one sequence of named phases.
+
+import (ONNX -> Relax) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
+optional) -> schedule (tuned records, default CPU schedules for the rest) -> build.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from .artifact import CompiledModel
+from .config import CompileConfig
+from .onnx_import import ModelSource, import_onnx
+from .schedules.default_cpu import default_schedule_pass
+from .target import describe, resolve_target
+from .tuning import apply_database, tune
+
+
+def legalize(mod: tvm.IRModule, target: tvm.target.Target, weight_prepack: bool) -> tvm.IRModule:
+    """Relax ops -> fused TIR kernels (the stock tuning flow's front half)."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if weight_prepack:  # tuned kernels may then pick a weight layout
+        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str, weight_prepack: bool) -> tvm.IRModule:
+    """Tuned schedules from the database, constant weight layouts folded, defaults for the rest."""
+    mod = apply_database(mod, target, work_dir)
+    passes = []
+    if weight_prepack:
+        passes += [
+            relax.transform.SplitLayoutRewritePreproc(),
+            relax.transform.LiftTransformParams(),
+            relax.transform.FoldConstant(),
+        ]
+    passes.append(default_schedule_pass(target))
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+PHASES = ("import", "legalize", "tune", "schedule", "build")
+
+
+class _Phases:
+    """Times each phase and optionally dumps the IR after it."""
+
+    def __init__(self, dump_dir: str | None) -> None:
+        self.seconds: dict[str, float] = {}
+        self.dump_dir = Path(dump_dir) if dump_dir else None
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+    def dump(self, name: str, mod: tvm.IRModule) -> None:
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            (self.dump_dir / f"{PHASES.index(name) + 1}_{name}.py").write_text(mod.script(show_meta=False))
+
+
+def compile(  # noqa: A001 - the public verb
+    model: ModelSource,
+    config: CompileConfig | None = None,
+    target: str | dict | tvm.target.Target = "host",
+    progress: bool = True,
+) -> CompiledModel:
+    """Compile an ONNX model (path, bytes or ModelProto) for a CPU.
+
+    Inputs must have static shapes, or be bound in ``config.input_shapes``.
+    """
+    config = config or CompileConfig()
+    target = resolve_target(target)
+    phases = _Phases(config.dump_ir)
+    with phases.phase("import"):
+        imported = import_onnx(model, config.input_shapes)
+    phases.dump("import", imported.mod)
+    with phases.phase("legalize"):
+        mod = legalize(imported.mod, target, config.weight_prepack)
+    phases.dump("legalize", mod)
+    report = None
+    if config.tune.trials_per_task > 0:
+        with phases.phase("tune"):
+            report = tune(mod, target, config.tune, progress=progress)
+    with phases.phase("schedule"):
+        mod = schedule(mod, target, config.tune.work_dir, config.weight_prepack)
+    phases.dump("schedule", mod)
+    with phases.phase("build"):
+        executable = tvm.compile(mod, target)
+    record = {
+        "target": json.loads(str(target)),
+        "cpu": describe(target).to_json(),
+        "config": config.to_json(),
+        "source_sha256": imported.sha256,
+        "phases": phases.seconds,
+        "tuning": report.to_json() if report else None,
+    }
+    return CompiledModel(executable, imported.inputs, imported.outputs, record)
