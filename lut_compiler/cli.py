@@ -155,11 +155,19 @@ def cmd_bench(args) -> None:
     run(args)
 
 
+def _global_options(default) -> argparse.ArgumentParser:
+    """--debug and --quiet, accepted before or after the command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lutc", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(prog="lutc", description=__doc__.splitlines()[0],
+                                     parents=[_global_options(False)])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_subparser_class(_global_options(argparse.SUPPRESS)))
 
     p = sub.add_parser("compile", help="compile an ONNX model into OUT/model.so + OUT/manifest.json")
     _add_model_args(p)
@@ -193,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _subparser_class(options: argparse.ArgumentParser):
+    class Subparser(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(parents=[options], **kwargs)
+
+    return Subparser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,10 +136,9 @@ def _set_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference + onnxslim (constant folding, dead code, static shape subgraphs)."""
+    """onnxslim: shape inference, constant folding (shape subgraphs become constants), dead code."""
     import onnxslim
 
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     with redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -164,7 +164,11 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[ms.Extra
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress: bool = True) -> TuneReport:
-    """Tune the kernels of ``mod`` that the database has not seen with this budget."""
+    """Give every kernel of ``mod`` up to ``cfg.trials_per_task`` trials in total.
+
+    Trials already spent on a kernel (in any earlier run, for any model) count:
+    kernels are tuned only by the difference, so an unchanged budget tunes nothing.
+    """
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -174,20 +178,32 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress
     tasks = extract_tasks(mod, target)
     ledger = _read_ledger(work_dir)
     keys = [_task_key(t, target) for t in tasks]
-    todo = [i for i, k in enumerate(keys) if ledger.get(k, 0) < cfg.trials_per_task]
-    budget = cfg.trials_per_task * len(todo)
+    groups: dict[int, list[int]] = {}  # trials still owed -> kernels owed that many
+    for i, key in enumerate(keys):
+        owed = cfg.trials_per_task - ledger.get(key, 0)
+        if owed > 0:
+            groups.setdefault(owed, []).append(i)
+    budget = sum(owed * len(ids) for owed, ids in groups.items())
     if cfg.max_trials is not None:
         budget = min(budget, cfg.max_trials)
     new_trials: dict[int, int] = {}
-    if todo and budget > 0:
+    if budget > 0:
+        ok, errors = 0, []
         with tqdm(total=budget, desc="tuning", unit="trial", disable=not progress, leave=False) as bar:
-            counter = _Progress(bar)
-            _run(tasks, todo, target, cfg, budget, database, counter, work_dir)
-        if counter.ok == 0:
-            raise LutcError(f"tuning measured no candidate successfully; first error: {(counter.errors or ['none'])[0]}")
-        new_trials = {todo[i]: n for i, n in counter.trials.items()}
-        for i, n in new_trials.items():
-            ledger[keys[i]] = ledger.get(keys[i], 0) + n
+            for owed, ids in sorted(groups.items()):
+                group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
+                if group_budget <= 0:
+                    break
+                counter = _Progress(bar)
+                _run(tasks, ids, target, owed, cfg.seed, group_budget, database, counter, work_dir)
+                ok, errors = ok + counter.ok, errors + counter.errors
+                for k, i in enumerate(ids):
+                    new_trials[i] = counter.trials.get(k, 0)
+                    # A kernel whose search space ran out before its budget is done too.
+                    served = group_budget == owed * len(ids)
+                    ledger[keys[i]] = cfg.trials_per_task if served else ledger.get(keys[i], 0) + new_trials[i]
+        if ok == 0:
+            raise LutcError(f"tuning measured no candidate successfully; first error: {(errors or ['none'])[0]}")
         _write_ledger(work_dir, ledger)
     results = []
     for i, task in enumerate(tasks):
@@ -230,17 +246,17 @@ def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySea
     )
 
 
-def _run(tasks, todo, target, cfg, budget, database, counter, work_dir) -> None:
+def _run(tasks, todo, target, trials_per_task, seed, budget, database, counter, work_dir) -> None:
     load_cpu_tensor_intrinsics(target)
     contexts = [
         ms.TuneContext(
             mod=tasks[i].dispatched[0],
             target=target,
             space_generator="post-order-apply",
-            search_strategy=_search_strategy(cfg.trials_per_task),
+            search_strategy=_search_strategy(trials_per_task),
             task_name=tasks[i].task_name,
             logger=_task_logger(work_dir, tasks[i].task_name),
-            rand_state=cfg.seed + i,
+            rand_state=seed + i,
             num_threads="physical",
         ).clone()
         for i in todo
@@ -252,8 +268,8 @@ def _run(tasks, todo, target, cfg, budget, database, counter, work_dir) -> None:
             task_weights=[float(tasks[i].weight) for i in todo],
             work_dir=str(work_dir),
             max_trials_global=budget,
-            max_trials_per_task=cfg.trials_per_task,
-            num_trials_per_iter=min(64, max(cfg.trials_per_task, 1)),
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=min(64, trials_per_task),
             builder=builder,
             runner=ms.runner.LocalRunner(),
             database=database,
@@ -267,5 +283,5 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) 
     """Replace every kernel the database has a record for by its best schedule."""
     if not (Path(work_dir) / "database_workload.json").exists():
         return mod
-    with target:
-        return tvm.relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
+    with target, ms.database.JSONDatabase(work_dir=work_dir):
+        return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
