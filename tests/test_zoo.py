@@ -1,7 +1,7 @@
 """The bundled zoo: every model builds into valid ONNX that runs in ONNX Runtime on
 real inputs, the classifiers reach their stated accuracy floor on held-out data,
 and the two real-world exports (pad_cnn, minilm) fail stock ``from_onnx`` but
-import after ``onnxslim`` and then match ONNX Runtime.
+compile with lut-compiler (which simplifies them with onnxslim) and match ONNX Runtime.
 
 Models are built once per session into a temporary cache (~1-2 min in all).
 """
@@ -13,12 +13,10 @@ import re
 import numpy as np
 import onnx
 import onnxruntime as ort
-import onnxslim
 import pytest
-import tvm
-from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
+import lut_compiler
 from lut_compiler import zoo
 from lut_compiler.errors import LutcError
 from lut_compiler.zoo import cache, data
@@ -46,21 +44,6 @@ def expected_shape(name: str, feeds: dict[str, np.ndarray]) -> tuple[int, ...]:
     if name == "minilm":
         return (batch, feeds["input_ids"].shape[1], 384)
     return (batch, 384) if name == "minilm_pooled" else (batch, 10)
-
-
-def bind_and_slim(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """Fix every input dim to the feeds' shapes, infer shapes, then simplify with onnxslim."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    for inp in model.graph.input:
-        for dim, size in zip(inp.type.tensor_type.shape.dim, feeds[inp.name].shape, strict=True):
-            dim.dim_value = size
-    return onnxslim.slim(onnx.shape_inference.infer_shapes(model))
-
-
-def run_tvm(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    ex = tvm.compile(from_onnx(model, keep_params_in_input=False), target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    return vm["main"](*(tvm.runtime.tensor(feeds[inp.name]) for inp in model.graph.input)).numpy()
 
 
 @pytest.mark.parametrize("name", list(zoo.MODELS))
@@ -117,11 +100,13 @@ def test_stock_from_onnx_rejects_real_exports(name, message, bound):
     "name, batch, seq",
     [("pad_cnn", 1, None), ("pad_cnn", 4, None), ("minilm", 1, 128), ("minilm", 2, 32), ("minilm_pooled", 3, 64)],
 )
-def test_slimmed_export_imports_and_matches_ort(name, batch, seq):
+def test_lutc_compiles_real_exports_matching_ort(name, batch, seq):
+    """Our import (shape binding + onnxslim) fixes what stock from_onnx rejects."""
     path = zoo.get_model(name)
     feeds = zoo.sample_inputs(name, batch=batch, seed=7, **({"seq": seq} if seq else {}))
     (expected,) = run_ort(path, feeds)
-    got = run_tvm(bind_and_slim(onnx.load(path), feeds), feeds)
+    config = lut_compiler.CompileConfig(input_shapes={k: v.shape for k, v in feeds.items()})
+    (got,) = lut_compiler.compile(path, config, progress=False).run(feeds).values()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
 
 
