@@ -1,4 +1,4 @@
-"""``lutc``: compile, tune, run, inspect and bench ONNX models. Parses arguments, calls the API.
+"""``lutc``: compile, tune, run, inspect and bench ONNX models (and a demo). Parses arguments, calls the API.
 
 Exit codes: 0 success, 2 bad input (one ``error:`` line on stderr), 1 internal error.
 """
@@ -15,7 +15,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 
-def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
+def parse_shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.rpartition("=")
     try:
         shape = tuple(int(d) for d in dims.lower().split("x"))
@@ -28,7 +28,7 @@ def _shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--input-shape", action="append", type=_shape_binding, default=[], metavar="NAME=1x128",
+    p.add_argument("--input-shape", action="append", type=parse_shape_binding, default=[], metavar="NAME=1x128",
                    help="bind an input's dynamic dimensions (repeatable)")
 
 
@@ -163,6 +163,12 @@ def _global_options(default) -> argparse.ArgumentParser:
     return p
 
 
+def cmd_demo(args) -> None:
+    from .demo import run
+
+    run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lutc", description=__doc__.splitlines()[0],
                                      parents=[_global_options(False)])
@@ -200,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job end to end on a bundled model trained on real digits")
+    from .demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

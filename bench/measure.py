@@ -1,0 +1,158 @@
+"""One case end to end: prepare, build every system, check outputs, time in rotating rounds.
+
+Building runs one system at a time, each in a fresh process. Timing keeps one
+loaded process per system and asks them in turn for a timed block, so only one
+system computes at any moment; the order rotates by one system each round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .cases import PreparedCase, prepare_case
+from .config import REFERENCE, BenchConfig, Case, tuning_dir
+from .report import Row, output_errors
+from .systems import BUILDERS, BuildSpec, Built, open_runner, outputs, timed_block, warm_up
+from .worker import Worker, WorkerError
+
+Log = Callable[[str], None]
+
+
+def _env(cfg: BenchConfig) -> dict[str, str]:
+    """Environment of every worker: TVM's runtime uses 1 of 2 cores unless told."""
+    return {"TVM_NUM_THREADS": str(cfg.cores)}
+
+
+def _fail(row: Row, err: WorkerError, log: Log, debug: bool) -> None:
+    row.status, row.error = "failed", str(err)
+    log(f"  {row.system} failed: {err}")
+    if debug and err.remote_traceback:
+        log(err.remote_traceback)
+
+
+def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> list[Row]:
+    """Rows for every system of ``case`` (failed systems get a row with the error)."""
+    rows = {s: Row(case.model_label, case.shape_label, case.key, s) for s in cfg.systems}
+    case_dir = Path(cfg.work_dir) / case.key
+    start = time.perf_counter()
+    try:
+        with Worker("prepare", _env(cfg)) as worker:
+            prepared: PreparedCase = worker.call(prepare_case, case, str(case_dir), cfg.seed)
+    except WorkerError as err:
+        for row in rows.values():
+            _fail(row, err, log, debug)
+        return list(rows.values())
+    log(f"  prepared model and inputs in {time.perf_counter() - start:.0f} s")
+    built: dict[str, Built] = {}
+    for system in cfg.systems:
+        tuned = system in ("tvm-tuned", "lutc") and cfg.trials_per_task > 0
+        log(f"  building {system}" + (f" ({cfg.trials_per_task} trials per task)" if tuned else ""))
+        start = time.perf_counter()
+        spec = BuildSpec(
+            system=system,
+            model_path=prepared.model_path,
+            simplified_path=prepared.simplified_path,
+            input_shapes=prepared.input_shapes,
+            target=cfg.target,
+            trials_per_task=cfg.trials_per_task,
+            artifact_dir=str((case_dir / system).resolve()),
+            tuning_dir=tuning_dir(cfg, case, system),
+            cores=cfg.cores,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
+        try:
+            with Worker(system, _env(cfg)) as worker:
+                built[system] = result = worker.call(BUILDERS[system], spec)
+        except WorkerError as err:
+            _fail(rows[system], err, log, debug)
+            continue
+        log(f"  built {system} in {time.perf_counter() - start:.0f} s"
+            + (" (tuning database reused)" if result.tune_cached else ""))
+        row = rows[system]
+        row.compile_s, row.tune_s, row.tune_cached, row.tuning = (
+            result.compile_s, result.tune_s, result.tune_cached, result.tuning)
+    _time_systems(case, cfg, prepared, built, rows, log, debug)
+    return list(rows.values())
+
+
+def _rounds_of(k: int, total: int) -> set[int]:
+    """The ``k`` of ``total`` rounds a capped system runs in, spread evenly (all if k == total)."""
+    return {r for r in range(total) if (r + 1) * k // total > r * k // total}
+
+
+def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: dict[str, Built],
+                  rows: dict[str, Row], log: Log, debug: bool) -> None:
+    from tqdm import tqdm
+
+    timing = cfg.timing
+    input_names = [name for name, _, _ in prepared.inputs]
+    output_names = [name for name, _, _ in prepared.outputs]
+    workers: dict[str, Worker] = {}
+
+    def drop(system: str, err: WorkerError) -> None:
+        _fail(rows[system], err, log, debug)
+        workers.pop(system).close(timeout=1)
+
+    try:
+        for system, b in built.items():  # load in parallel: nothing is timed yet
+            workers[system] = Worker(f"{system}-timing", _env(cfg))
+            workers[system].submit(open_runner, system, b.artifact, prepared.feeds_path, input_names, output_names,
+                                   cfg.cores)
+        start = time.perf_counter()
+        for system in list(workers):
+            try:
+                workers[system].result()
+            except WorkerError as err:
+                drop(system, err)
+        log(f"  loaded {len(workers)} timing workers in {time.perf_counter() - start:.0f} s")
+        got = {}
+        for system in list(workers):
+            try:
+                got[system] = workers[system].call(outputs)
+            except WorkerError as err:
+                drop(system, err)
+        if REFERENCE in got:
+            for system, values in got.items():
+                rows[system].max_abs_err, rows[system].max_rel_err = output_errors(values, got[REFERENCE])
+        per_call = {}
+        for system in list(workers):
+            try:
+                per_call[system] = workers[system].call(warm_up, timing.warmup_seconds)
+            except WorkerError as err:
+                drop(system, err)
+        iterations = {s: max(1, round(timing.block_seconds / t)) for s, t in per_call.items()}
+        rounds = {}
+        for s, t in per_call.items():
+            fit = int(timing.max_system_seconds // (iterations[s] * t))
+            rounds[s] = _rounds_of(min(timing.rounds, max(timing.min_rounds, fit)), timing.rounds)
+        times: dict[str, list[float]] = {s: [] for s in workers}
+        order = list(workers)
+        with tqdm(total=sum(len(r) for r in rounds.values()), desc="  timing", unit="block",
+                  disable=not cfg.progress, leave=False) as bar:
+            for r in range(timing.rounds):
+                shift = r % len(order) if order else 0
+                for system in order[shift:] + order[:shift]:
+                    if system not in workers or r not in rounds[system]:
+                        continue
+                    try:
+                        seconds = workers[system].call(timed_block, iterations[system])
+                    except WorkerError as err:
+                        drop(system, err)
+                        continue
+                    times[system].append(seconds / iterations[system])
+                    bar.update()
+                    time.sleep(timing.gap_seconds)
+        for system in workers:
+            rows[system].iterations = iterations[system]
+            rows[system].set_times(times[system])
+        reference = rows.get(REFERENCE)
+        if reference is not None and reference.median_s:
+            for row in rows.values():
+                if row.median_s is not None:
+                    row.ratio_to_ort = row.median_s / reference.median_s
+    finally:
+        for worker in workers.values():
+            worker.close(timeout=5)

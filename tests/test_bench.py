@@ -1,0 +1,48 @@
+"""``lutc bench --quick`` end to end: all four systems measured, outputs match ORT, files written.
+
+About 2-3 minutes on 2 cores (two MetaSchedule tunings of the MLP at 2 trials per task).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc"}
+
+
+def _lutc() -> list[str]:
+    script = Path(sys.executable).with_name("lutc")
+    return [str(script)] if script.exists() else [shutil.which("lutc") or "lutc"]
+
+
+@pytest.mark.tuning
+def test_quick_bench(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = subprocess.run([*_lutc(), "--quiet", "bench", "--quick", "--out", str(out), "--work-dir", str(work)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {r["system"] for r in rows} == SYSTEMS
+    assert all(r["model"] == "mlp" and r["shape"] == "b1" for r in rows)
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["median_s"] > 0 and row["rounds"] == 3 and len(row["per_round_s"]) == 3, row
+        assert 0 < row["p10_s"] <= row["median_s"] <= row["p90_s"], row
+        assert row["max_abs_err"] < 1e-4, row
+        assert row["ratio_to_ort"] > 0, row
+    tuned = {r["system"]: r for r in rows if r["system"] in ("tvm-tuned", "lutc")}
+    assert all(r["tune_s"] > 0 and r["tuning"]["trials_per_task"] == 2 for r in tuned.values())
+    assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2
+    assert results["machine"]["cores"] >= 1 and results["machine"]["mcpu"]
+    assert {"apache-tvm", "onnxruntime", "lut-compiler"} <= set(results["versions"])
+
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "results.md").read_text()
+    assert "| model | shape | system | median ms" in markdown and markdown.count("| mlp | b1 |") == 4
+    assert "tvm-tuned" in done.stdout  # the printed table
