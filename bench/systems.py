@@ -13,11 +13,14 @@ calls with ``timed_block``. Every duration is in seconds.
   (DecomposeOpsForInference, CanonicalizeBindings, zero_pipeline, tune,
   MetaScheduleApplyDatabase, tvm.compile), tuned by ``tune_relax`` with the
   ``PooledBuilder`` (the stock LocalBuilder records nothing here).
+- ``lutc-untuned``: ``lut_compiler.compile`` with no tuning (default CPU schedules only).
 - ``lutc``: ``lut_compiler.compile`` (default schedules for untuned kernels,
   weight prepacking, database reuse).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import gc
 import json
@@ -25,7 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import redirect_stdout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +167,9 @@ def _stock_tune(mod, target, spec: BuildSpec) -> dict:
     from tvm.s_tir import meta_schedule as ms
 
     from ..errors import LutcError
-    from ..tuning import PooledBuilder, load_cpu_tensor_intrinsics
+    from tqdm import tqdm
+
+    from ..tuning import MeasureCounter, PooledBuilder, load_cpu_tensor_intrinsics
 
     work_dir = Path(spec.tuning_dir)
     marker = _read_marker(work_dir)
@@ -177,7 +182,8 @@ def _stock_tune(mod, target, spec: BuildSpec) -> dict:
     budget = spec.trials_per_task * len(tasks)
     start = time.perf_counter()
     builder = PooledBuilder(max_workers=spec.cores)
-    counter = _counter(budget, spec.progress)
+    counter = MeasureCounter(tqdm(total=budget, desc="tuning (stock)", unit="trial", disable=not spec.progress,
+                                  leave=False))
     # MetaSchedule logs its task table and cost-model lines to stdout: keep them in the tuning dir.
     with open(work_dir / "console.log", "w") as console, redirect_stdout(console):
         try:
@@ -193,37 +199,10 @@ def _stock_tune(mod, target, spec: BuildSpec) -> dict:
     if counter.ok == 0:
         raise LutcError(f"stock tuning measured no candidate successfully; first error: "
                         f"{(counter.errors or ['none'])[0]}")
-    result = {"trials_per_task": spec.trials_per_task, "tasks": len(tasks), "trials": counter.trials,
+    result = {"trials_per_task": spec.trials_per_task, "tasks": len(tasks), "trials": counter.total,
               "ok": counter.ok, "seconds": round(time.perf_counter() - start, 2)}
     _write_marker(work_dir, result)
     return {**result, "cached": False}
-
-
-def _counter(total: int, progress: bool):
-    """A MetaSchedule measure callback that counts candidates and drives a progress bar."""
-    from tqdm import tqdm
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-
-    @derived_object
-    class Counter(ms.measure_callback.PyMeasureCallback):
-        def __init__(self) -> None:
-            self.bar = tqdm(total=total, desc="tuning (stock)", unit="trial", disable=not progress, leave=False)
-            self.trials = 0
-            self.ok = 0
-            self.errors: list[str] = []
-
-        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
-            self.trials += len(measure_candidates)
-            for built, ran in zip(builder_results, runner_results):
-                error = built.error_msg or ran.error_msg
-                if error is None:
-                    self.ok += 1
-                elif len(self.errors) < 3:
-                    self.errors.append(error.strip().splitlines()[-1])
-            self.bar.update(len(measure_candidates))
-
-    return Counter()
 
 
 def build_lutc(spec: BuildSpec) -> Built:
@@ -258,10 +237,16 @@ def build_lutc(spec: BuildSpec) -> Built:
                  tune_s, cached, tuning)
 
 
+def build_lutc_untuned(spec: BuildSpec) -> Built:
+    """``lut_compiler.compile`` without tuning: every kernel gets the default CPU schedule."""
+    return build_lutc(replace(spec, trials_per_task=0))
+
+
 BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
     "ort": build_ort,
     "tvm-untuned": build_tvm_untuned,
     "tvm-tuned": build_tvm_tuned,
+    "lutc-untuned": build_lutc_untuned,
     "lutc": build_lutc,
 }
 

@@ -138,7 +138,7 @@ def _task_logger(work_dir: Path, name: str) -> logging.Logger:
 
 
 @derived_object
-class _Progress(ms.measure_callback.PyMeasureCallback):
+class MeasureCounter(ms.measure_callback.PyMeasureCallback):
     """Counts measured candidates per task, drives a progress bar, keeps the first errors."""
 
     def __init__(self, bar) -> None:
@@ -146,6 +146,10 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.trials: dict[int, int] = {}
         self.ok = 0
         self.errors: list[str] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.trials.values())
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
         self.trials[task_id] = self.trials.get(task_id, 0) + len(measure_candidates)
@@ -194,7 +198,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress
                 group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
                 if group_budget <= 0:
                     break
-                counter = _Progress(bar)
+                counter = MeasureCounter(bar)
                 _run(tasks, ids, target, owed, cfg.seed, group_budget, database, counter, work_dir)
                 ok, errors = ok + counter.ok, errors + counter.errors
                 for k, i in enumerate(ids):
