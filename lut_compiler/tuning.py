@@ -192,20 +192,34 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress
         budget = min(budget, cfg.max_trials)
     new_trials: dict[int, int] = {}
     if budget > 0:
-        ok, errors = 0, []
-        with tqdm(total=budget, desc="tuning", unit="trial", disable=not progress, leave=False) as bar:
-            for owed, ids in sorted(groups.items()):
-                group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
-                if group_budget <= 0:
-                    break
-                counter = MeasureCounter(bar)
-                _run(tasks, ids, target, owed, cfg.seed, group_budget, database, counter, work_dir)
-                ok, errors = ok + counter.ok, errors + counter.errors
-                for k, i in enumerate(ids):
-                    new_trials[i] = counter.trials.get(k, 0)
-                    # A kernel whose search space ran out before its budget is done too.
-                    served = group_budget == owed * len(ids)
-                    ledger[keys[i]] = cfg.trials_per_task if served else ledger.get(keys[i], 0) + new_trials[i]
+        load_cpu_tensor_intrinsics(target)
+        builder = PooledBuilder(max_workers=int(target.attrs.get("num-cores", 1)))
+        runner = ms.runner.LocalRunner()
+        try:
+            _seed_default_schedules(tasks, [i for i, k in enumerate(keys) if k not in ledger], target, database,
+                                    builder, runner)
+            ok, errors = 0, []
+            with tqdm(total=budget, desc="tuning", unit="trial", disable=not progress, leave=False) as bar:
+                for owed, ids in sorted(groups.items()):
+                    group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
+                    if group_budget <= 0:
+                        break
+                    counter = MeasureCounter(bar)
+                    contexts = _contexts(tasks, ids, target, owed, cfg.seed, work_dir)
+                    ms.tune_tasks(
+                        tasks=contexts, task_weights=[float(tasks[i].weight) for i in ids], work_dir=str(work_dir),
+                        max_trials_global=group_budget, max_trials_per_task=owed,
+                        num_trials_per_iter=min(64, owed), builder=builder, runner=runner, database=database,
+                        measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
+                    )
+                    ok, errors = ok + counter.ok, errors + counter.errors
+                    for k, i in enumerate(ids):
+                        new_trials[i] = counter.trials.get(k, 0)
+                        # A kernel whose search space ran out before its budget is done too.
+                        served = group_budget == owed * len(ids)
+                        ledger[keys[i]] = cfg.trials_per_task if served else ledger.get(keys[i], 0) + new_trials[i]
+        finally:
+            builder.shutdown()
         if ok == 0:
             raise LutcError(f"tuning measured no candidate successfully; first error: {(errors or ['none'])[0]}")
         _write_ledger(work_dir, ledger)
@@ -250,9 +264,8 @@ def _search_strategy(trials_per_task: int) -> ms.search_strategy.EvolutionarySea
     )
 
 
-def _run(tasks, todo, target, trials_per_task, seed, budget, database, counter, work_dir) -> None:
-    load_cpu_tensor_intrinsics(target)
-    contexts = [
+def _contexts(tasks, ids, target, trials_per_task, seed, work_dir) -> list[ms.TuneContext]:
+    return [
         ms.TuneContext(
             mod=tasks[i].dispatched[0],
             target=target,
@@ -263,24 +276,31 @@ def _run(tasks, todo, target, trials_per_task, seed, budget, database, counter, 
             rand_state=seed + i,
             num_threads="physical",
         ).clone()
-        for i in todo
+        for i in ids
     ]
-    builder = PooledBuilder(max_workers=int(target.attrs.get("num-cores", 1)))
-    try:
-        ms.tune_tasks(
-            tasks=contexts,
-            task_weights=[float(tasks[i].weight) for i in todo],
-            work_dir=str(work_dir),
-            max_trials_global=budget,
-            max_trials_per_task=trials_per_task,
-            num_trials_per_iter=min(64, trials_per_task),
-            builder=builder,
-            runner=ms.runner.LocalRunner(),
-            database=database,
-            measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
-        )
-    finally:
-        builder.shutdown()
+
+
+def _seed_default_schedules(tasks, ids, target, database, builder, runner) -> None:
+    """Measure each kernel's default CPU schedule and commit it as a tuning record.
+
+    The search then draws on it as the best known candidate, and applying the
+    database can never pick a tuned schedule slower than the untuned default
+    (with small budgets MetaSchedule often finds none faster).
+    """
+    from .schedules.default_cpu import default_schedule
+
+    if not ids:
+        return
+    schedules = [default_schedule(tasks[i].dispatched[0]["main"], target) for i in ids]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    args = [ms.arg_info.ArgInfo.from_prim_func(tasks[i].dispatched[0]["main"]) for i in ids]
+    measured = [(i, sch, arg, b) for i, sch, arg, b in zip(ids, schedules, args, built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu", arg) for _, _, arg, b in measured])
+    for (i, sch, arg, _), future in zip(measured, futures):
+        result = future.result()
+        if result.error_msg is None:
+            workload = database.commit_workload(tasks[i].dispatched[0])
+            database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, result.run_secs, target, arg))
 
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:

@@ -525,6 +525,16 @@ def default_rules(target: Target) -> list[ScheduleRule]:
     return [Guarded(rule) for rule in rules]
 
 
+def default_schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
+    """The schedule `default_schedule_pass` gives `func` (its trace replays on `func`)."""
+    with target:
+        for rule in default_rules(target):
+            space = rule.apply(func, target, False)
+            if space is not None:
+                return space[0] if isinstance(space, list) else space
+    raise AssertionError("Fallback accepts every function")
+
+
 def default_schedule_pass(target: Target) -> tvm.transform.Pass:
     """Schedule every PrimFunc not marked `tirx.is_scheduled` for the llvm `target`."""
     apply_rules = dlight.ApplyDefaultSchedule(*default_rules(target))
