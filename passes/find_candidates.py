@@ -82,10 +82,11 @@ def table(candidates: list[Candidate]) -> str:
     def fmt(shape):
         return "x".join(map(str, shape))
 
-    rows = [f"{'layer':<36} {'op':<7} {'input':<16} {'weight':<16} {'output':<16} {'MFLOP':>9}  weight"]
+    width = max([len(c.name) for c in candidates] + [5])
+    rows = [f"{'layer':<{width}} {'op':<7} {'input':<16} {'weight':<16} {'output':<16} {'MFLOP':>9}  weight"]
     for c in candidates:
         rows.append(
-            f"{c.name[:36]:<36} {c.op:<7} {fmt(c.input_shape):<16} {fmt(c.weight_shape):<16} "
+            f"{c.name:<{width}} {c.op:<7} {fmt(c.input_shape):<16} {fmt(c.weight_shape):<16} "
             f"{fmt(c.output_shape):<16} {c.flops / 1e6:>9.2f}  {'constant' if c.const_weight else 'activation'}"
         )
     total = sum(c.flops for c in candidates)
