@@ -47,6 +47,29 @@ def _add_tuning_args(p: argparse.ArgumentParser, default_trials: int) -> None:
     p.add_argument("--work-dir", default=".lutc/tuning", help="tuning database, reused across runs")
 
 
+def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
+    g = p.add_argument_group("lookup-add rewrite")
+    if with_data:
+        g.add_argument("--lut", action="store_true", help="replace eligible layers by encode + lookup-add")
+        g.add_argument("--calib", metavar="DATA.npz",
+                       help="calibration inputs: per model input, samples stacked [S, *shape] or rows [S*batch, ...]")
+        g.add_argument("--labels", metavar="LABELS.npy", help="integer labels per output row, for task accuracy")
+    g.add_argument("--lut-layers", default="all", metavar="all|last:N|REGEX", help="which eligible layers to replace")
+    g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
+    g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
+    g.add_argument("--lut-tables", choices=["int8", "float32"], default="int8", help="table precision")
+
+
+def _lut_config(args):
+    from .config import LutConfig
+
+    try:
+        return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
+                         table_dtype=args.lut_tables)
+    except ValueError as err:
+        raise _usage(str(err)) from None
+
+
 def _config(args, default_trials: int):
     from .config import PRESETS, CompileConfig, TuneConfig
 
@@ -63,6 +86,7 @@ def _config(args, default_trials: int):
         tune=tune,
         weight_prepack=not getattr(args, "no_prepack", False),
         dump_ir=getattr(args, "dump_ir", None),
+        lut=_lut_config(args) if getattr(args, "lut", False) else None,
     )
 
 
@@ -78,13 +102,36 @@ def cmd_compile(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise _usage(f"output {out} exists and is not a directory")
-    model = lut_compiler.compile(args.model, _config(args, default_trials=0), target=args.target,
-                                 progress=not args.quiet)
+    config = _config(args, default_trials=0)
+    if args.calib and not config.lut:
+        raise _usage("--calib is only used with --lut")
+    labels = None
+    if args.labels:
+        if not config.lut:
+            raise _usage("--labels is only used with --lut")
+        labels = _load_labels(args.labels)
+    model = lut_compiler.compile(args.model, config, target=args.target, progress=not args.quiet,
+                                 calibration=args.calib, labels=labels)
     model.export(out)
     tuning = model.record.get("tuning")
     if tuning and not args.quiet:
         print(f"tuning: {tuning['new_trials']} new trials in {tuning['seconds']} s")
+    if model.record.get("lut"):
+        from .lut_report import format_report
+
+        print(format_report(model.record["lut"]))
     print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
+
+
+def _load_labels(path: str):
+    import numpy as np
+
+    from .errors import CalibrationError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise CalibrationError(f"cannot read labels {path}: {err}") from None
 
 
 def cmd_tune(args) -> None:
@@ -101,30 +148,14 @@ def cmd_tune(args) -> None:
     print(tune(mod, target, config.tune, progress=not args.quiet).table())
 
 
-def _load_npz(path: str) -> dict:
-    import zipfile
-
-    import numpy as np
-
-    from .errors import FeedError
-
-    if not Path(path).is_file():
-        raise FeedError(f"inputs file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise FeedError(f"{path} is not a readable .npz file: {err}") from None
-
-
 def cmd_run(args) -> None:
     import numpy as np
 
     from .artifact import load
-    from .feeds import check_feeds
+    from .feeds import check_feeds, load_npz
 
     model = load(args.artifact)
-    feeds = _load_npz(args.inputs)
+    feeds = load_npz(args.inputs)
     check_feeds(model.inputs, feeds)  # before loading the library
     outputs = model.run(feeds)
     out = Path(args.output)
@@ -140,13 +171,14 @@ def cmd_run(args) -> None:
 
 
 def cmd_inspect(args) -> None:
+    from .lut import plan
     from .onnx_import import import_onnx
-    from .passes.find_candidates import find_candidates, table
+    from .passes.lut_plan import table
 
     imported = import_onnx(args.model, dict(args.input_shape))
     print("inputs:  " + ", ".join(s.describe() for s in imported.inputs))
     print("outputs: " + ", ".join(s.describe() for s in imported.outputs))
-    print(table(find_candidates(imported.mod, imported.weight_names)))
+    print(table(plan(imported, _lut_config(args))))
 
 
 def cmd_bench(args) -> None:
@@ -182,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tuning_args(p, default_trials=0)
     p.add_argument("--no-prepack", action="store_true", help="keep weight layouts as in the model")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each phase into DIR")
+    _add_lut_args(p, with_data=True)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="tune a model's kernels into the database (no artifact)")
@@ -197,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=int, default=0, metavar="N", help="also time N runs x 5 repeats")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("inspect", help="list the model's inputs, outputs and matmul/conv layers")
+    p = sub.add_parser("inspect", help="list the model's inputs, outputs and matmul/conv layers with the "
+                                       "lookup-add decision for each")
     _add_model_args(p)
+    _add_lut_args(p, with_data=False)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="compare ONNX Runtime, stock TVM and lut-compiler side by side")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 CONFIG_VERSION = 1
@@ -31,18 +32,81 @@ class TuneConfig:
 
 
 @dataclass
+class LayerOverride:
+    """Per-layer product-quantization shape: sub-space length V and centroids K (None: default)."""
+
+    subspace_len: int | None = None
+    centroids: int | None = None
+
+
+@dataclass
+class LutConfig:
+    """Which layers become encode + lookup-add, and how their codebooks are made.
+
+    layers: "all" eligible layers, "last:N" (the last N in program order; LUT-NN found
+        later layers lose far less accuracy), or a regular expression searched in layer names.
+    centroids: K, centroids per sub-space (<= 256; 16 fits a shuffle lookup).
+    linear_subspace: V for matmul/Gemm; D must be a multiple of it.
+    pointwise_subspace: V for 1x1 convs (that many input channels per sub-space).
+    spatial_channels: input channels per sub-space of a kh x kw conv (V = channels * kh * kw).
+    overrides: layer-name regex -> LayerOverride; the first match wins.
+    table_dtype: "int8" (per-output-column scale, int32 accumulation) or "float32" (debugging).
+    max_rows: calibration rows kept per layer (4096 = 256 per centroid at K = 16, what faiss
+        samples by default); memory_mb caps all layers' rows together.
+    holdout: share of calibration samples kept out of k-means for the accuracy report.
+    kmeans_iters: Lloyd iterations per sub-space.
+    """
+
+    layers: str = "all"
+    centroids: int = 16
+    linear_subspace: int = 4
+    pointwise_subspace: int = 4
+    spatial_channels: int = 1
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    table_dtype: str = "int8"
+    max_rows: int = 4096
+    memory_mb: int = 512
+    holdout: float = 0.2
+    kmeans_iters: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()}
+        if self.table_dtype not in ("int8", "float32"):
+            raise ValueError(f"table_dtype must be int8 or float32, got {self.table_dtype!r}")
+        for k in [self.centroids] + [o.centroids for o in self.overrides.values() if o.centroids]:
+            if not 2 <= k <= 256:
+                raise ValueError(f"centroids must be in [2, 256] (codes are uint8), got {k}")
+        sizes = [self.linear_subspace, self.pointwise_subspace, self.spatial_channels]
+        sizes += [o.subspace_len for o in self.overrides.values() if o.subspace_len is not None]
+        if min(sizes) < 1:
+            raise ValueError(f"sub-space sizes must be >= 1, got {sizes}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.layers != "all" and not self.layers.startswith("last:"):
+            try:
+                re.compile(self.layers)
+            except re.error as err:
+                raise ValueError(f"layers pattern {self.layers!r} is not a regular expression: {err}") from None
+        elif self.layers.startswith("last:") and not self.layers[5:].isdigit():
+            raise ValueError(f"layers must be all, last:N or a regex, got {self.layers!r}")
+
+
+@dataclass
 class CompileConfig:
     """Everything that decides what ``lut_compiler.compile`` produces.
 
     input_shapes: static shape per input name, binding the model's dynamic dims.
     weight_prepack: let tuned kernels choose a weight layout, folded at compile time.
     dump_ir: directory that receives the IR after each phase (for debugging).
+    lut: the lookup-add rewrite (needs calibration data); None keeps every layer dense.
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     tune: TuneConfig = field(default_factory=TuneConfig)
     weight_prepack: bool = True
     dump_ir: str | None = None
+    lut: LutConfig | None = None
     version: int = CONFIG_VERSION
 
     def to_json(self) -> dict:
@@ -57,6 +121,8 @@ class CompileConfig:
         data = dict(data)
         data["tune"] = TuneConfig(**data.get("tune", {}))
         data["input_shapes"] = {k: tuple(v) for k, v in data.get("input_shapes", {}).items()}
+        if data.get("lut") is not None:
+            data["lut"] = LutConfig(**data["lut"])
         return cls(**data)
 
 

@@ -27,3 +27,7 @@ class FeedError(LutcError):
 
 class TargetError(LutcError):
     """The target description is malformed or names an unknown CPU."""
+
+
+class CalibrationError(LutcError):
+    """Calibration data is missing, malformed, or does not match the model's inputs."""

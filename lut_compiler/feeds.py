@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
-from .errors import FeedError
+from .errors import FeedError, LutcError
 from .tensor_spec import TensorSpec
 
 
@@ -26,3 +28,14 @@ def check_feeds(specs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> lis
             raise FeedError(f"input mismatch: expected {spec.describe()}, got {got.describe()}")
         arrays.append(np.ascontiguousarray(value))
     return arrays
+
+
+def load_npz(path, error: type[LutcError] = FeedError) -> dict[str, np.ndarray]:
+    """Every array of an .npz file by name; ``error`` names a missing or unreadable file."""
+    if not Path(path).is_file():
+        raise error(f"file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise error(f"{path} is not a readable .npz file: {err}") from None

@@ -25,20 +25,29 @@ from .tensor_spec import TensorSpec
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
 
+@dataclass(frozen=True)
+class WeightUser:
+    """The ONNX node that reads a weight, and its activation (first) input."""
+
+    node: str
+    activation: str
+
+
 @dataclass
 class ImportedModel:
     """A model ready for the compiler.
 
     mod: Relax IRModule with weights embedded as constants, static shapes.
     onnx_model: the simplified, shape-bound ONNX graph (what ORT comparisons run).
-    weight_names: digest of each weight's bytes -> name of the ONNX node using it.
+    weight_users: digest of each weight's bytes -> the ONNX node using it (its name, and
+        the activation tensor it multiplies, which calibration reads with ONNX Runtime).
     """
 
     mod: "tvm.IRModule"  # noqa: F821
     onnx_model: onnx.ModelProto
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    weight_names: dict[str, str]
+    weight_users: dict[str, WeightUser]
     sha256: str
 
 
@@ -180,18 +189,18 @@ def weight_digest(array) -> str:
     return hashlib.sha1(array.tobytes()).hexdigest() + str(tuple(array.shape))
 
 
-def _weight_names(model: onnx.ModelProto) -> dict[str, str]:
+def _weight_users(model: onnx.ModelProto) -> dict[str, WeightUser]:
     from onnx import numpy_helper
 
     users = {}
     for node in model.graph.node:
         for name in node.input[1:2]:  # the weight operand of MatMul/Gemm/Conv
-            users.setdefault(name, node.name or node.output[0])
-    names = {}
-    for init in model.graph.initializer:
-        if init.name in users:
-            names[weight_digest(numpy_helper.to_array(init))] = users[init.name]
-    return names
+            users.setdefault(name, WeightUser(node.name or node.output[0], node.input[0]))
+    return {
+        weight_digest(numpy_helper.to_array(init)): users[init.name]
+        for init in model.graph.initializer
+        if init.name in users
+    }
 
 
 def import_onnx(source: ModelSource, input_shapes: dict[str, tuple[int, ...]] | None = None) -> ImportedModel:
@@ -212,7 +221,7 @@ def import_onnx(source: ModelSource, input_shapes: dict[str, tuple[int, ...]] | 
         TensorSpec(i.name, tuple(_dims(i)), onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
         for i in graph_inputs(model)
     ]
-    return ImportedModel(mod, model, inputs, _output_specs(mod, model), _weight_names(model), sha256)
+    return ImportedModel(mod, model, inputs, _output_specs(mod, model), _weight_users(model), sha256)
 
 
 def _output_specs(mod, model: onnx.ModelProto) -> list[TensorSpec]:

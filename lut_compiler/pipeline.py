@@ -1,7 +1,9 @@
 """``compile``: the pipeline as one sequence of named phases.
 
-import (ONNX -> Relax) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
-optional) -> schedule (tuned records, default CPU schedules for the rest) -> build.
+import (ONNX -> Relax) -> lut (optional: calibrate, learn codebooks, rewrite layers into
+encode + lookup-add) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
+optional) -> schedule (tuned records, default CPU schedules for the rest) -> build
+-> evaluate (lookup-add models only: accuracy against the fp32 model).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import tvm
 from tvm import relax
 
 from .artifact import CompiledModel
+from .calibration import CalibrationSource
 from .config import CompileConfig
+from .lut import apply_lut
+from .lut_report import evaluate
 from .onnx_import import ModelSource, import_onnx
 from .schedules.default_cpu import default_schedule_pass
 from .target import describe, resolve_target
@@ -54,7 +60,7 @@ def schedule(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str, weight
         return tvm.transform.Sequential(passes)(mod)
 
 
-PHASES = ("import", "legalize", "tune", "schedule", "build")
+PHASES = ("import", "lut", "legalize", "tune", "schedule", "build", "evaluate")
 
 
 class _Phases:
@@ -81,10 +87,15 @@ def compile(  # noqa: A001 - the public verb
     config: CompileConfig | None = None,
     target: str | dict | tvm.target.Target = "host",
     progress: bool = True,
+    calibration: CalibrationSource | None = None,
+    labels: np.ndarray | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model (path, bytes or ModelProto) for a CPU.
 
-    Inputs must have static shapes, or be bound in ``config.input_shapes``.
+    Inputs must have static shapes, or be bound in ``config.input_shapes``. With
+    ``config.lut``, ``calibration`` samples (see ``calibration.load_samples``) train the
+    codebooks and the held-out ones measure accuracy; integer ``labels`` (one per output
+    row of every sample) add task accuracy. The report lands in ``record["lut"]``.
     """
     config = config or CompileConfig()
     target = resolve_target(target)
@@ -92,8 +103,13 @@ def compile(  # noqa: A001 - the public verb
     with phases.phase("import"):
         imported = import_onnx(model, config.input_shapes)
     phases.dump("import", imported.mod)
+    mod, lut = imported.mod, None
+    if config.lut is not None:
+        with phases.phase("lut"):
+            mod, lut = apply_lut(imported, config.lut, calibration, progress)
+        phases.dump("lut", mod)
     with phases.phase("legalize"):
-        mod = legalize(imported.mod, target, config.weight_prepack)
+        mod = legalize(mod, target, config.weight_prepack)
     phases.dump("legalize", mod)
     report = None
     if config.tune.trials_per_task > 0:
@@ -112,4 +128,8 @@ def compile(  # noqa: A001 - the public verb
         "phases": phases.seconds,
         "tuning": report.to_json() if report else None,
     }
-    return CompiledModel(executable, imported.inputs, imported.outputs, record)
+    compiled = CompiledModel(executable, imported.inputs, imported.outputs, record)
+    if lut is not None:
+        with phases.phase("evaluate"):
+            record["lut"] = evaluate(lut, compiled, imported.onnx_model, labels)
+    return compiled

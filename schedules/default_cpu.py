@@ -23,6 +23,9 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
 
+from .lut_encode_linear import schedule_encode
+from .lut_lookup_linear import schedule_lookup_add
+
 _ScheduleError = s_tir.schedule.ScheduleError
 # Loop iterations (multiply-adds, elements) below which waking the thread pool costs more
 # than it saves (a few microseconds here).
@@ -519,9 +522,22 @@ class Fallback(ScheduleRule):
         return sch
 
 
+class LutKernels(ScheduleRule):
+    """Product-quantization kernels (schedules/lut_*.py) with their fused injective ops; each
+    kernel file holds the schedule, which declines (False) other functions."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
+        lanes = cpu_knobs(target).lanes("float32")
+        for schedule in (schedule_encode, schedule_lookup_add):
+            sch = s_tir.Schedule(func)
+            if schedule(sch, lanes, _MIN_PARALLEL_WORK):
+                return sch
+        return None
+
+
 def default_rules(target: Target) -> list[ScheduleRule]:
     """Rules tried in order; the first that returns a schedule wins."""
-    rules = [dlight.cpu.GEMV(), MatmulLike(), dlight.cpu.Reduction(), Injective(), Fallback()]
+    rules = [LutKernels(), dlight.cpu.GEMV(), MatmulLike(), dlight.cpu.Reduction(), Injective(), Fallback()]
     return [Guarded(rule) for rule in rules]
 
 

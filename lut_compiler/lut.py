@@ -1,0 +1,80 @@
+"""The lookup-add phase of ``compile``: plan layers, calibrate, learn codebooks, rewrite.
+
+    imported Relax module --plan_layers--> LayerPlan per matmul/conv2d
+        --capture (ORT on calibration samples)--> sub-vectors per replaced layer
+        --learn_layer (k-means, tables)--> LutLayer per replaced layer
+        --rewrite_lut--> module with encode + lookup-add calls
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tqdm import tqdm
+
+from .calibration import CalibrationSource, Feeds, capture, load_samples, rows_per_layer, split_holdout
+from .codebooks import LutLayer, learn_layer
+from .config import LutConfig
+from .errors import CalibrationError
+from .onnx_import import ImportedModel
+from .passes.find_candidates import find_candidates
+from .passes.lut_plan import LayerPlan, plan_layers
+from .passes.lut_rewrite import rewrite_lut
+
+
+@dataclass
+class LutResult:
+    """What the rewrite did, and the held-out samples (indices into the calibration data)."""
+
+    plans: list[LayerPlan]
+    layers: list[LutLayer]
+    samples: list[Feeds]
+    held_out: list[int]
+    calibration_rows: int
+
+    @property
+    def measured_on_calibration(self) -> bool:
+        """True when there was no sample to hold out (a single sample, or holdout=0)."""
+        return len(self.held_out) == len(self.samples)
+
+
+def plan(imported: ImportedModel, cfg: LutConfig) -> list[LayerPlan]:
+    """A plan per matmul/conv2d; layers whose input ONNX Runtime cannot show stay dense."""
+    plans = plan_layers(find_candidates(imported.mod, imported.weight_users), cfg)
+    for p in plans:
+        if p.replaced and p.candidate.activation is None:
+            p.reason = "input not traced to an ONNX tensor (cannot calibrate)"
+    return plans
+
+
+def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationSource | None,
+              progress: bool = True) -> tuple[tvm.IRModule, LutResult]:
+    """Rewrite the selected layers of ``imported.mod`` into encode + lookup-add calls."""
+    if calibration is None:
+        raise CalibrationError("the lookup-add rewrite needs calibration data (--calib DATA.npz)")
+    samples = load_samples(calibration, imported.inputs)
+    plans = plan(imported, cfg)
+    chosen = [p for p in plans if p.replaced]
+    train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
+    rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)
+    layers = []
+    if chosen:
+        train = capture(imported.onnx_model, [samples[i] for i in train_ids], chosen, rows, cfg.seed, progress)
+        held_rows = max(1, round(rows * cfg.holdout)) if held_ids != train_ids else rows
+        held = capture(imported.onnx_model, [samples[i] for i in held_ids], chosen, held_rows, cfg.seed + 1, progress)
+        for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
+            layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
+                                      cfg.seed, cfg.kmeans_iters))
+    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows)
+
+
+def labels_per_sample(labels: np.ndarray, samples: int) -> np.ndarray:
+    """Integer labels [S * batch] or [S, batch] -> [S, batch]."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise CalibrationError(f"labels must be integers, got {labels.dtype}")
+    if labels.size % samples:
+        raise CalibrationError(f"{labels.size} labels do not split evenly over {samples} calibration samples")
+    return labels.reshape(samples, -1)

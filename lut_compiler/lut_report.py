@@ -1,0 +1,103 @@
+"""Accuracy of a lookup-add model against its fp32 original, on held-out calibration samples.
+
+Per replaced layer: SNR (dB) of the layer output on held-out rows. Per model output:
+SQNR (dB), mean cosine similarity of output vectors (along the last axis), and top-1
+agreement for classifier logits [batch, classes]; task accuracy of both models when
+labels are given. The fp32 reference is ONNX Runtime on the imported (simplified) graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+
+from .codebooks import snr_db
+from .lut import LutResult, labels_per_sample
+
+
+def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    got = got.reshape(-1, got.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    return float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30)))
+
+
+def _is_classifier(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and shape[1] > 1
+
+
+def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, labels: np.ndarray | None = None) -> dict:
+    """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in compiled.outputs]
+    refs: dict[str, list] = {n: [] for n in names}
+    gots: dict[str, list] = {n: [] for n in names}
+    for i in result.held_out:
+        feeds = result.samples[i]
+        for name, ref in zip(names, session.run(names, feeds)):
+            refs[name].append(ref)
+        for name, got in compiled.run(feeds).items():
+            gots[name].append(got)
+    outputs = []
+    for name in names:
+        ref, got = np.stack(refs[name]), np.stack(gots[name])
+        row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(_cosine(ref, got), 5)}
+        if _is_classifier(ref.shape[1:]):
+            row["top1_agreement"] = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
+        outputs.append(row)
+    report = {
+        "held_out_samples": len(result.held_out),
+        "measured_on_calibration": result.measured_on_calibration,
+        "calibration_rows_per_layer": result.calibration_rows,
+        "flops_replaced": _flops_share(result),
+        "layers": [_layer_row(p, result) for p in result.plans],
+        "outputs": outputs,
+    }
+    classifier = next((n for n in names if _is_classifier(np.stack(refs[n]).shape[1:])), None)
+    if labels is not None and classifier is not None:
+        truth = labels_per_sample(labels, len(result.samples))[result.held_out]
+        ref, got = np.stack(refs[classifier]).argmax(-1), np.stack(gots[classifier]).argmax(-1)
+        report["accuracy"] = {"output": classifier, "fp32": round(float(np.mean(ref == truth)), 4),
+                              "lut": round(float(np.mean(got == truth)), 4)}
+    return report
+
+
+def _flops_share(result: LutResult) -> float:
+    total = sum(p.candidate.flops for p in result.plans)
+    return round(sum(p.candidate.flops for p in result.plans if p.replaced) / max(total, 1), 4)
+
+
+def _layer_row(plan, result: LutResult) -> dict:
+    row = {"name": plan.candidate.name, "op": plan.candidate.op, "mflop": round(plan.candidate.flops / 1e6, 3)}
+    layer = next((lay for lay in result.layers if lay.plan is plan), None)
+    if layer is None:
+        return {**row, "replaced": False, "reason": plan.reason}
+    return {**row, "replaced": True, "V": plan.subspace_len, "C": plan.codebooks, "K": plan.centroids,
+            "table_dtype": str(layer.tables.dtype), "snr_db": layer.snr_db}
+
+
+def format_report(report: dict) -> str:
+    """Human-readable lines: replaced layers with their SNR, then per-output agreement."""
+    lines = []
+    replaced = [r for r in report["layers"] if r["replaced"]]
+    width = max([len(r["name"]) for r in replaced] + [5])
+    lines.append(f"{'layer':<{width}} {'op':<7} {'V':>3} {'C':>4} {'K':>4}  table  SNR dB (held-out rows)")
+    for r in replaced:
+        lines.append(f"{r['name']:<{width}} {r['op']:<7} {r['V']:>3} {r['C']:>4} {r['K']:>4}  "
+                     f"{r['table_dtype']:<5}  {r['snr_db']:.1f}")
+    where = "calibration samples (none held out)" if report["measured_on_calibration"] else "held-out samples"
+    lines.append(f"{len(replaced)} of {len(report['layers'])} layers replaced ({report['flops_replaced']:.0%} of "
+                 f"matmul/conv FLOPs); model vs fp32 on {report['held_out_samples']} {where}:")
+    for o in report["outputs"]:
+        extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
+        lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        lines.append(f"  accuracy ({a['output']}): fp32 {a['fp32']:.1%}, lookup-add {a['lut']:.1%}")
+    return "\n".join(lines)

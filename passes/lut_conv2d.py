@@ -1,0 +1,82 @@
+"""nn.conv2d(x, W) [+ b] -> lut_lookup_add_conv(lut_encode_conv(x), T, s, b).
+
+x [B, Ci, H, W] float32 (NCHW), W [O, Ci, kh, kw] a constant (OIHW), groups = 1. A sub-space
+is `group` consecutive input channels times the kh x kw patch (V = group x kh x kw, C = Ci /
+group): LUT-NN's V = 9 for 3x3 kernels, V = 4 (4 channels) for 1x1. The encoder reads the
+receptive fields directly, without an im2col buffer. Runs on the imported module, before
+legalization; the lookup-add folds the following bias add (``lut_rewrite``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ..config import LutConfig
+from ..schedules.conv_patches import ConvGeometry, patches
+from ..schedules.lut_encode_conv import encode_conv
+from ..schedules.lut_lookup_conv import lookup_add_conv
+from .find_candidates import Candidate
+from .lut_rewrite import add_kernel
+
+
+def default_subspace_len(c: Candidate, cfg: LutConfig) -> int:
+    kh, kw = c.weight_shape[2:]
+    return cfg.pointwise_subspace if kh * kw == 1 else cfg.spatial_channels * kh * kw
+
+
+def check(c: Candidate, v: int) -> str | None:
+    """Why this conv cannot use V-long sub-spaces, or None."""
+    attrs = c.conv
+    if attrs.layouts != ("NCHW", "OIHW", "NCHW"):
+        return f"layout {'/'.join(attrs.layouts)} (NCHW/OIHW only)"
+    if attrs.groups != 1:
+        kind = "depthwise" if attrs.groups == c.input_shape[1] else "grouped"
+        return f"{kind} conv (groups={attrs.groups})"
+    ci, kh, kw = c.weight_shape[1:]
+    if v % (kh * kw):
+        return f"V={v} is not a multiple of the {kh}x{kw} patch"
+    if ci % (v // (kh * kw)):
+        return f"in_channels={ci} is not a multiple of {v // (kh * kw)} channels per sub-space"
+    return None
+
+
+def geometry(c: Candidate, v: int) -> ConvGeometry:
+    b, ci, h, w = c.input_shape
+    o, _, kh, kw = c.weight_shape
+    a = c.conv
+    return ConvGeometry(b, ci, h, w, o, c.output_shape[2], c.output_shape[3], (kh, kw),
+                        a.strides, a.padding, a.dilation, v // (kh * kw))
+
+
+def codebooks(c: Candidate, v: int) -> int:
+    kh, kw = c.weight_shape[2:]
+    return c.weight_shape[1] * kh * kw // v
+
+
+def num_rows(c: Candidate) -> int:
+    """Receptive fields (output pixels): B x OH x OW."""
+    return c.output_shape[0] * c.output_shape[2] * c.output_shape[3]
+
+
+def subvectors(activation: np.ndarray, c: Candidate, v: int, rows: np.ndarray) -> np.ndarray:
+    """The chosen receptive fields, float32 [len(rows), C, V]."""
+    return patches(activation, geometry(c, v), rows).reshape(len(rows), -1, v)
+
+
+def weight_matrix(c: Candidate) -> np.ndarray:
+    """float32 [C*V, O]: W flattened in the (channel, r, s) order of the sub-vectors."""
+    return c.weight.reshape(c.weight.shape[0], -1).T
+
+
+def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
+    """Encode + lookup-add calls for x; returns the unbound NCHW result."""
+    c = plan.candidate
+    geom = geometry(c, plan.subspace_len)
+    b, o, oh, ow = c.output_shape
+    encode = add_kernel(bb, encode_conv(geom, plan.centroids), "lut_encode_conv")
+    codes = bb.emit(relax.call_tir(encode, [x, consts.centroids, consts.sq_norms],
+                                   relax.TensorType((b, oh, ow, plan.codebooks), "uint8")), "lut_codes")
+    lookup = add_kernel(bb, lookup_add_conv(geom, plan.centroids, consts.table_dtype), "lut_lookup_add_conv")
+    return relax.call_tir(lookup, [codes, consts.tables, consts.scale, consts.bias],
+                          relax.TensorType((b, o, oh, ow), "float32"))

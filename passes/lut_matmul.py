@@ -1,0 +1,66 @@
+"""matmul(x, W) [+ b] -> reshape(lut_lookup_add(lut_encode(reshape(x, [M, D])), T, s, b), out).
+
+x [..., D] float32, W [D, N] a constant (or permute_dims of one, the importer's Gemm form).
+D splits into C = D / V sub-spaces of length V. Runs on the imported module, before
+legalization; the lookup-add folds the following bias add (``lut_rewrite``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ..config import LutConfig
+from ..schedules.lut_encode_linear import encode_linear
+from ..schedules.lut_lookup_linear import lookup_add_linear
+from .find_candidates import Candidate
+from .lut_rewrite import add_kernel
+
+
+def default_subspace_len(c: Candidate, cfg: LutConfig) -> int:
+    return cfg.linear_subspace
+
+
+def check(c: Candidate, v: int) -> str | None:
+    """Why this matmul cannot use V-long sub-spaces, or None."""
+    if len(c.weight_shape) != 2:
+        return f"batched constant weight {'x'.join(map(str, c.weight_shape))} (2-D weights only)"
+    if c.weight_shape[0] % v:
+        return f"D={c.weight_shape[0]} is not a multiple of V={v}"
+    return None
+
+
+def codebooks(c: Candidate, v: int) -> int:
+    return c.weight_shape[0] // v if len(c.weight_shape) == 2 else 0
+
+
+def num_rows(c: Candidate) -> int:
+    """Rows M of the [M, D] matrix the layer multiplies."""
+    return int(np.prod(c.input_shape[:-1]))
+
+
+def subvectors(activation: np.ndarray, c: Candidate, v: int, rows: np.ndarray) -> np.ndarray:
+    """The chosen rows of the layer input, float32 [len(rows), C, V]."""
+    d = c.weight_shape[0]
+    return activation.reshape(-1, d)[rows].reshape(len(rows), d // v, v)
+
+
+def weight_matrix(c: Candidate) -> np.ndarray:
+    """float32 [C*V, N]: what the sub-vectors multiply."""
+    return c.weight
+
+
+def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
+    """Encode + lookup-add calls for x; returns the unbound result in the matmul's output shape."""
+    c = plan.candidate
+    m, d, n = num_rows(c), c.weight_shape[0], c.weight_shape[1]
+    if len(c.input_shape) != 2:
+        x = bb.emit(relax.op.reshape(x, (m, d)))
+    encode = add_kernel(bb, encode_linear(m, d, plan.codebooks, plan.centroids), "lut_encode")
+    codes = bb.emit(relax.call_tir(encode, [x, consts.centroids, consts.sq_norms],
+                                   relax.TensorType((m, plan.codebooks), "uint8")), "lut_codes")
+    lookup = add_kernel(bb, lookup_add_linear(m, plan.codebooks, plan.centroids, n, consts.table_dtype), "lut_lookup_add")
+    y = relax.call_tir(lookup, [codes, consts.tables, consts.scale, consts.bias], relax.TensorType((m, n), "float32"))
+    if len(c.output_shape) != 2:
+        y = relax.op.reshape(bb.emit(y), c.output_shape)
+    return y
