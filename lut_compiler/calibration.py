@@ -21,7 +21,7 @@ import onnx
 from tqdm import tqdm
 
 from .errors import CalibrationError
-from .feeds import load_npz
+from .feeds import check_names, load_npz
 from .tensor_spec import TensorSpec
 
 CalibrationSource = str | os.PathLike | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]]
@@ -30,7 +30,7 @@ Feeds = dict[str, np.ndarray]
 
 def _split_stacked(arrays: Mapping[str, np.ndarray], specs: list[TensorSpec]) -> list[Feeds]:
     """Arrays [S, *shape] (stacked) or [S * batch, *shape[1:]] (concatenated) -> S feeds."""
-    _check_names(arrays, specs, "calibration data")
+    check_names(specs, arrays, "calibration inputs", CalibrationError)
     counts = {}
     for spec in specs:
         value = np.asarray(arrays[spec.name])
@@ -55,17 +55,8 @@ def _fmt(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _check_names(feeds: Mapping, specs: list[TensorSpec], what: str) -> None:
-    names = [s.name for s in specs]
-    missing = [n for n in names if n not in feeds]
-    extra = sorted(set(feeds) - set(names))
-    if missing or extra:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
-        raise CalibrationError(f"{what} does not match the model inputs ({'; '.join(parts)}); expected: {', '.join(names)}")
-
-
 def _check_sample(feeds: Mapping, specs: list[TensorSpec], index: int) -> Feeds:
-    _check_names(feeds, specs, f"calibration sample {index}")
+    check_names(specs, feeds, f"calibration sample {index} inputs", CalibrationError)
     checked = {}
     for spec in specs:
         value = np.asarray(feeds[spec.name])

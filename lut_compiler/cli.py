@@ -26,6 +26,16 @@ def parse_shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
+def parse_override(text: str):
+    from .config import LayerOverride
+
+    pattern, sep, value = text.rpartition("=")
+    v, _, k = value.partition(":")
+    if not sep or not pattern or not v.isdigit() or (k and not k.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected REGEX=V or REGEX=V:K, e.g. 'output/dense=8:16', got {text!r}")
+    return pattern, LayerOverride(int(v), int(k) if k else None)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--input-shape", action="append", type=parse_shape_binding, default=[], metavar="NAME=1x128",
@@ -58,6 +68,8 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
     g.add_argument("--lut-tables", choices=["int8", "float32"], default="int8", help="table precision")
+    g.add_argument("--lut-override", action="append", type=parse_override, default=[], metavar="REGEX=V[:K]",
+                   help="sub-space length V (and centroids K) for layers whose name matches REGEX (repeatable)")
 
 
 def _lut_config(args):
@@ -65,7 +77,7 @@ def _lut_config(args):
 
     try:
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
-                         table_dtype=args.lut_tables)
+                         table_dtype=args.lut_tables, overrides=dict(args.lut_override))
     except ValueError as err:
         raise _usage(str(err)) from None
 

@@ -12,14 +12,19 @@ from .errors import FeedError, LutcError
 from .tensor_spec import TensorSpec
 
 
-def check_feeds(specs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Return the feeds as contiguous arrays in input order; FeedError names any mismatch."""
+def check_names(specs: list[TensorSpec], feeds: Mapping, what: str, error: type[LutcError] = FeedError) -> None:
+    """Raise ``error`` naming missing and unknown inputs when ``feeds`` keys differ from the specs."""
     names = [s.name for s in specs]
     missing = [n for n in names if n not in feeds]
     extra = sorted(set(feeds) - set(names))
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(extra)}"] if extra else [])
-        raise FeedError(f"inputs do not match the model ({'; '.join(parts)}); expected: {', '.join(names)}")
+        raise error(f"{what} do not match the model ({'; '.join(parts)}); expected: {', '.join(names)}")
+
+
+def check_feeds(specs: list[TensorSpec], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Return the feeds as contiguous arrays in input order; FeedError names any mismatch."""
+    check_names(specs, feeds, "inputs")
     arrays = []
     for spec in specs:
         value = np.asarray(feeds[spec.name])

@@ -66,3 +66,18 @@ def test_export_replaces_an_existing_artifact(models, target, tmp_path):
     loaded = lut_compiler.load(out)
     feeds = random_feeds(loaded.inputs, seed=1)
     np.testing.assert_array_equal(loaded.run(feeds)["out"], model.run(feeds)["out"])
+
+
+def test_lut_artifact_runs_with_plain_tvm(models, target, tmp_path):
+    """Codebooks and tables are embedded: the lookup-add model needs nothing but tvm either."""
+    config = lut_compiler.CompileConfig(input_shapes={"x": (3, 48)}, lut=lut_compiler.LutConfig(holdout=0.0))
+    rng = np.random.default_rng(11)
+    samples = [{"x": rng.standard_normal((3, 48)).astype(np.float32)} for _ in range(8)]
+    model = lut_compiler.compile(models["mlp"], config, target=target, progress=False, calibration=samples)
+    out_dir = model.export(tmp_path / "artifact")
+    assert json.loads((out_dir / "manifest.json").read_text())["lut"]["flops_replaced"] == 1.0
+
+    np.savez(tmp_path / "feeds.npz", **samples[0])
+    subprocess.run([sys.executable, "-c", DEPLOY_SCRIPT, str(out_dir), str(tmp_path / "feeds.npz"),
+                    str(tmp_path / "out.npz")], check=True, cwd=tmp_path, timeout=300)
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["out"], model.run(samples[0])["out"])

@@ -90,6 +90,12 @@ def test_inspect_prints_decisions(mixed_model):
     assert rows["/odd/MatMul"].endswith("dense: D=10 is not a multiple of V=4")
     assert "2 replaced by lookup-add" in done.stdout
 
+    done = lutc("inspect", mixed_model, "--input-shape", "x=1x4x5x2", "--lut-override", "odd=5:8", "--lut-v", "2")
+    rows = {line.split()[0].split("_output")[0]: line.split() for line in done.stdout.splitlines()
+            if " conv2d " in line or " matmul " in line}
+    assert rows["/odd/MatMul"][6:9] == ["5", "2", "lookup-add"]
+    assert rows["/head/MatMul"][6:9] == ["2", "4", "lookup-add"]
+
 
 def _grid_samples(shape, count, seed):
     """Samples whose every layer sees at most 16 distinct sub-vectors: codebooks are exact."""
@@ -168,7 +174,7 @@ def _specs():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"y": np.zeros((4, 8), np.float32)}, "calibration data does not match the model inputs (missing x; unknown y)"),
+        ({"y": np.zeros((4, 8), np.float32)}, "calibration inputs do not match the model (missing x; unknown y)"),
         ({"x": np.zeros((4, 7), np.float32)}, "calibration input 'x' has shape 4x7"),
         ({"x": np.zeros((3, 8), np.float32)}, "calibration input 'x' has shape 3x8"),
         ([{"x": np.zeros((2, 8), np.float64)}], "calibration sample 0: input 'x' is float64[2x8], expected float32[2x8]"),

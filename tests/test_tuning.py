@@ -68,3 +68,18 @@ def test_tuning_records_and_reuses(dense_model, target, tmp_path):
     stock_s = np.median(vm.time_evaluator("main", tvm.cpu(), number=5, repeat=5)(x).results)
     tuned_s = np.median(first.time(feeds, number=20, repeat=5))
     assert tuned_s * 3 < stock_s, (tuned_s, stock_s)
+
+
+def test_lut_kernels_are_tuned(dense_model, target, tmp_path):
+    """The encode and lookup-add kernels go through MetaSchedule like any other kernel."""
+    rng = np.random.default_rng(4)
+    samples = [{"x": rng.standard_normal((32, 256)).astype(np.float32)} for _ in range(4)]
+    config = lut_compiler.CompileConfig(tune=lut_compiler.TuneConfig(trials_per_task=4, work_dir=str(tmp_path)),
+                                        lut=lut_compiler.LutConfig())
+    model = lut_compiler.compile(dense_model, config, target=target, progress=False, calibration=samples)
+    tasks = {t["name"]: t for t in model.record["tuning"]["tasks"]}
+    assert any("lut_encode" in name for name in tasks) and any("lut_lookup_add" in name for name in tasks)
+    assert all(t["best_us"] is not None for t in tasks.values())
+    untuned = lut_compiler.compile(dense_model, lut_compiler.CompileConfig(lut=lut_compiler.LutConfig()),
+                                   target=target, progress=False, calibration=samples)
+    np.testing.assert_allclose(model.run(samples[0])["y"], untuned.run(samples[0])["y"], rtol=1e-5, atol=1e-5)
