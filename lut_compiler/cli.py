@@ -64,6 +64,8 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
         g.add_argument("--calib", metavar="DATA.npz",
                        help="calibration inputs: per model input, samples stacked [S, *shape] or rows [S*batch, ...]")
         g.add_argument("--labels", metavar="LABELS.npy", help="integer labels per output row, for task accuracy")
+        g.add_argument("--lut-task", choices=["auto", "classification", "embedding"], default="auto",
+                       help="report top-1 agreement of logits (classification; auto: when --labels is given)")
     g.add_argument("--lut-layers", default="all", metavar="all|last:N|REGEX", help="which eligible layers to replace")
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
@@ -77,7 +79,8 @@ def _lut_config(args):
 
     try:
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
-                         table_dtype=args.lut_tables, overrides=dict(args.lut_override))
+                         table_dtype=args.lut_tables, overrides=dict(args.lut_override),
+                         task=getattr(args, "lut_task", "auto"))
     except ValueError as err:
         raise _usage(str(err)) from None
 

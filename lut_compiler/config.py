@@ -55,6 +55,8 @@ class LutConfig:
         samples by default); memory_mb caps all layers' rows together.
     holdout: share of calibration samples kept out of k-means for the accuracy report.
     kmeans_iters: Lloyd iterations per sub-space.
+    task: what the accuracy report treats the outputs as: "classification" (top-1
+        agreement of logits), "embedding", or "auto" (classification when labels are given).
     """
 
     layers: str = "all"
@@ -68,10 +70,13 @@ class LutConfig:
     memory_mb: int = 512
     holdout: float = 0.2
     kmeans_iters: int = 50
+    task: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()}
+        if self.task not in ("auto", "classification", "embedding"):
+            raise ValueError(f"task must be auto, classification or embedding, got {self.task!r}")
         if self.table_dtype not in ("int8", "float32"):
             raise ValueError(f"table_dtype must be int8 or float32, got {self.table_dtype!r}")
         for k in [self.centroids] + [o.centroids for o in self.overrides.values() if o.centroids]:

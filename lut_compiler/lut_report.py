@@ -1,9 +1,9 @@
 """Accuracy of a lookup-add model against its fp32 original, on held-out calibration samples.
 
 Per replaced layer: SNR (dB) of the layer output on held-out rows. Per model output:
-SQNR (dB), mean cosine similarity of output vectors (along the last axis), and top-1
-agreement for classifier logits [batch, classes]; task accuracy of both models when
-labels are given. The fp32 reference is ONNX Runtime on the imported (simplified) graph.
+SQNR (dB), mean cosine similarity of output vectors (along the last axis); for a
+classifier (``LutConfig.task``, or labels given) top-1 agreement on its logits
+[batch, classes] and, with labels, the accuracy of both models. The fp32 reference is ONNX Runtime on the imported (simplified) graph.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean(np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30)))
 
 
-def _is_classifier(shape: tuple[int, ...]) -> bool:
+def _logits(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[1] > 1
 
 
-def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, labels: np.ndarray | None = None) -> dict:
-    """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples."""
+def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str,
+             labels: np.ndarray | None = None) -> dict:
+    """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples.
+
+    task: "classification", "embedding", or "auto" (classification when labels are given).
+    """
+    classify = task == "classification" or (task == "auto" and labels is not None)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -48,7 +53,7 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, labels: n
     for name in names:
         ref, got = np.stack(refs[name]), np.stack(gots[name])
         row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(_cosine(ref, got), 5)}
-        if _is_classifier(ref.shape[1:]):
+        if classify and _logits(ref.shape[1:]):
             row["top1_agreement"] = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
         outputs.append(row)
     report = {
@@ -59,7 +64,7 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, labels: n
         "layers": [_layer_row(p, result) for p in result.plans],
         "outputs": outputs,
     }
-    classifier = next((n for n in names if _is_classifier(np.stack(refs[n]).shape[1:])), None)
+    classifier = next((n for n in names if classify and _logits(np.stack(refs[n]).shape[1:])), None)
     if labels is not None and classifier is not None:
         truth = labels_per_sample(labels, len(result.samples))[result.held_out]
         ref, got = np.stack(refs[classifier]).argmax(-1), np.stack(gots[classifier]).argmax(-1)

@@ -131,5 +131,5 @@ def compile(  # noqa: A001 - the public verb
     compiled = CompiledModel(executable, imported.inputs, imported.outputs, record)
     if lut is not None:
         with phases.phase("evaluate"):
-            record["lut"] = evaluate(lut, compiled, imported.onnx_model, labels)
+            record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task, labels)
     return compiled

@@ -126,11 +126,14 @@ def test_mlp_int8_tables_close_to_exact(tmp_path, batch):
     torch.manual_seed(2)
     path = export(MLP(), torch.randn(2, 48), tmp_path / "mlp.onnx", "x", {0: "batch"})
     samples = _grid_samples((batch, 48), 16 // batch, seed=batch)
-    exact = _compile_lut(path, (batch, 48), samples, LutConfig(table_dtype="float32", holdout=0.0))
+    exact = _compile_lut(path, (batch, 48), samples, LutConfig(table_dtype="float32", holdout=0.0,
+                                                               task="classification"))
     int8 = _compile_lut(path, (batch, 48), samples, LutConfig(holdout=0.0))
     for feeds in samples[:3]:
         ref = ort_run(path, feeds)[0]
         np.testing.assert_allclose(exact.run(feeds)["out"], ref, rtol=1e-4, atol=1e-4)
+    assert exact.record["lut"]["outputs"][0]["top1_agreement"] == 1.0
+    assert "top1_agreement" not in int8.record["lut"]["outputs"][0]  # no labels, task auto: not a classifier
     layers = int8.record["lut"]["layers"]
     assert all(r["table_dtype"] == "int8" and r["snr_db"] > 30 for r in layers)
     assert int8.record["lut"]["outputs"][0]["sqnr_db"] > 25

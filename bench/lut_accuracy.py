@@ -1,0 +1,91 @@
+"""Accuracy of the lookup-add rewrite (k-means codebooks) on the bundled real models.
+
+    python -m lut_compiler.bench.lut_accuracy [--out bench/results]
+
+For each model and layer selection: layers and share of matmul/conv FLOPs replaced,
+held-out accuracy of fp32 vs lookup-add (digits) or cosine of sentence embeddings
+(MiniLM), output SQNR, and the time the calibration + k-means phase took. Writes
+``lut_accuracy.json`` and ``lut_accuracy.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import lut_compiler
+from lut_compiler import zoo
+
+# model -> (layer selections, number of calibration samples)
+GRID = {
+    "mlp": (["all", "last:2", "last:1"], 360),
+    "digits_cnn": (["all", "last:5", "last:3"], 1000),
+    "minilm_pooled": (["all", "last:12", "last:6"], 40),
+}
+
+
+def _data(model: str, count: int) -> tuple[dict, np.ndarray | None]:
+    if model == "minilm_pooled":
+        return zoo.sample_inputs(model, batch=count, seq=128), None
+    feeds, labels = zoo.labelled_data(model, "test")
+    return {k: v[:count] for k, v in feeds.items()}, labels[:count]
+
+
+def measure(model: str, layers: str, count: int, table_dtype: str) -> dict:
+    feeds, labels = _data(model, count)
+    shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
+    config = lut_compiler.CompileConfig(input_shapes=shapes,
+                                        lut=lut_compiler.LutConfig(layers=layers, table_dtype=table_dtype))
+    start = time.perf_counter()
+    compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
+    report = compiled.record["lut"]
+    out = report["outputs"][0]
+    row = {
+        "model": model, "layers": layers, "table_dtype": table_dtype,
+        "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
+        "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
+        "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
+        "lut_seconds": compiled.record["phases"]["lut"], "compile_seconds": round(time.perf_counter() - start, 1),
+    }
+    if "accuracy" in report:
+        row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | layers | replaced | FLOPs replaced | held-out | fp32 acc | LUT acc | top-1 agree | cosine | SQNR dB | calib + k-means s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = (f"{r['fp32_accuracy']:.1%}", f"{r['lut_accuracy']:.1%}") if "lut_accuracy" in r else ("-", "-")
+        agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['layers']} | {r['replaced']}/{r['layers_total']} | {r['flops_replaced']:.0%} | "
+                     f"{r['held_out_samples']} | {acc[0]} | {acc[1]} | {agree} | {r['cosine']:.4f} | {r['sqnr_db']:.1f} | "
+                     f"{r['lut_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results", help="directory for lut_accuracy.{json,md}")
+    parser.add_argument("--models", nargs="+", default=list(GRID), choices=list(GRID))
+    parser.add_argument("--tables", default="int8", choices=["int8", "float32"])
+    args = parser.parse_args(argv)
+    rows = []
+    for model in args.models:
+        selections, count = GRID[model]
+        for layers in selections:
+            rows.append(measure(model, layers, count, args.tables))
+            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lut_accuracy.json").write_text(json.dumps(rows, indent=1))
+    (out / "lut_accuracy.md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
