@@ -33,6 +33,7 @@ class LutResult:
     samples: list[Feeds]
     held_out: list[int]
     calibration_rows: int
+    labels: np.ndarray | None = None  # int [S, batch]
 
     @property
     def measured_on_calibration(self) -> bool:
@@ -50,11 +51,15 @@ def plan(imported: ImportedModel, cfg: LutConfig) -> list[LayerPlan]:
 
 
 def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationSource | None,
-              progress: bool = True) -> tuple[tvm.IRModule, LutResult]:
-    """Rewrite the selected layers of ``imported.mod`` into encode + lookup-add calls."""
+              labels: np.ndarray | None = None, progress: bool = True) -> tuple[tvm.IRModule, LutResult]:
+    """Rewrite the selected layers of ``imported.mod`` into encode + lookup-add calls.
+
+    labels: integer labels, one per output row of every calibration sample (optional).
+    """
     if calibration is None:
         raise CalibrationError("the lookup-add rewrite needs calibration data (--calib DATA.npz)")
     samples = load_samples(calibration, imported.inputs)
+    labels = labels_per_sample(labels, len(samples)) if labels is not None else None
     plans = plan(imported, cfg)
     chosen = [p for p in plans if p.replaced]
     train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
@@ -67,7 +72,7 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
         for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
             layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
                                       cfg.seed, cfg.kmeans_iters))
-    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows)
+    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels)
 
 
 def labels_per_sample(labels: np.ndarray, samples: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .codebooks import snr_db
-from .lut import LutResult, labels_per_sample
+from .lut import LutResult
 
 
 def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
@@ -28,13 +28,12 @@ def _logits(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[1] > 1
 
 
-def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str,
-             labels: np.ndarray | None = None) -> dict:
+def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str) -> dict:
     """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples.
 
     task: "classification", "embedding", or "auto" (classification when labels are given).
     """
-    classify = task == "classification" or (task == "auto" and labels is not None)
+    classify = task == "classification" or (task == "auto" and result.labels is not None)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -65,8 +64,8 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
         "outputs": outputs,
     }
     classifier = next((n for n in names if classify and _logits(np.stack(refs[n]).shape[1:])), None)
-    if labels is not None and classifier is not None:
-        truth = labels_per_sample(labels, len(result.samples))[result.held_out]
+    if result.labels is not None and classifier is not None:
+        truth = result.labels[result.held_out]
         ref, got = np.stack(refs[classifier]).argmax(-1), np.stack(gots[classifier]).argmax(-1)
         report["accuracy"] = {"output": classifier, "fp32": round(float(np.mean(ref == truth)), 4),
                               "lut": round(float(np.mean(got == truth)), 4)}

@@ -106,7 +106,7 @@ def compile(  # noqa: A001 - the public verb
     mod, lut = imported.mod, None
     if config.lut is not None:
         with phases.phase("lut"):
-            mod, lut = apply_lut(imported, config.lut, calibration, progress)
+            mod, lut = apply_lut(imported, config.lut, calibration, labels, progress)
         phases.dump("lut", mod)
     with phases.phase("legalize"):
         mod = legalize(mod, target, config.weight_prepack)
@@ -131,5 +131,5 @@ def compile(  # noqa: A001 - the public verb
     compiled = CompiledModel(executable, imported.inputs, imported.outputs, record)
     if lut is not None:
         with phases.phase("evaluate"):
-            record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task, labels)
+            record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task)
     return compiled
