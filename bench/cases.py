@@ -16,6 +16,8 @@ from .config import Case
 
 SIMPLIFIED = "simplified.onnx"
 FEEDS = "feeds.npz"
+CALIBRATION = "calibration.npz"
+CALIBRATION_SAMPLES = 64  # for the lookup-add system (its codebooks; the bench reports, not tunes, its error)
 
 
 @dataclass
@@ -25,6 +27,7 @@ class PreparedCase:
     model_path: the original ONNX file (what the compilers import).
     simplified_path: our import's shape-bound, onnxslim-simplified graph (what ORT runs).
     feeds_path: .npz with one array per input, the same feeds for every system.
+    calibration_path: .npz of other inputs (stacked samples) the lookup-add system calibrates on.
     input_shapes: the static binding of every input, passed to every compiler.
     inputs/outputs: (name, shape, dtype) in graph order.
     seconds: time to prepare (model build on first use + import), in seconds.
@@ -33,6 +36,7 @@ class PreparedCase:
     model_path: str
     simplified_path: str
     feeds_path: str
+    calibration_path: str
     input_shapes: dict[str, tuple[int, ...]]
     inputs: list[tuple[str, tuple[int, ...], str]]
     outputs: list[tuple[str, tuple[int, ...], str]]
@@ -84,13 +88,26 @@ def prepare_case(case: Case, case_dir: str, seed: int) -> PreparedCase:
     arrays = check_feeds(imported.inputs, feeds)
     onnx.save(imported.onnx_model, str(out / SIMPLIFIED))
     np.savez(out / FEEDS, **{s.name: a for s, a in zip(imported.inputs, arrays)})
+    samples = [_sample(case, imported.inputs, seed + 1 + i) for i in range(CALIBRATION_SAMPLES)]
+    np.savez(out / CALIBRATION, **{s.name: np.stack([x[s.name] for x in samples]) for s in imported.inputs})
     return PreparedCase(
         model_path=str(model_path.resolve()),
         simplified_path=str(out / SIMPLIFIED),
         feeds_path=str(out / FEEDS),
+        calibration_path=str(out / CALIBRATION),
         input_shapes=shapes,
         inputs=[(s.name, tuple(s.shape), s.dtype) for s in imported.inputs],
         outputs=[(s.name, tuple(s.shape), s.dtype) for s in imported.outputs],
         sha256=imported.sha256,
         seconds=round(time.perf_counter() - start, 3),
     )
+
+
+def _sample(case: Case, specs, seed: int) -> dict[str, np.ndarray]:
+    """Inputs other than the timed feeds: zoo sample data, or random for ONNX files."""
+    if case.is_zoo:
+        from .. import zoo
+
+        options = {"seq": case.seq} if case.seq is not None else {}
+        return zoo.sample_inputs(case.model, batch=case.batch, seed=seed, **options)
+    return random_feeds(specs, seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 BENCH_CONFIG_VERSION = 1
 
 # Measured side by side, in this order in every table.
-SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc")
+SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut")
 REFERENCE = "ort"
 
 # Default grid: zoo model -> batch sizes (MiniLM also takes --seq).

@@ -47,13 +47,14 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
     log(f"  prepared model and inputs in {time.perf_counter() - start:.0f} s")
     built: dict[str, Built] = {}
     for system in cfg.systems:
-        tuned = system in ("tvm-tuned", "lutc") and cfg.trials_per_task > 0
+        tuned = system in ("tvm-tuned", "lutc", "lutc-lut") and cfg.trials_per_task > 0
         log(f"  building {system}" + (f" ({cfg.trials_per_task} trials per task)" if tuned else ""))
         start = time.perf_counter()
         spec = BuildSpec(
             system=system,
             model_path=prepared.model_path,
             simplified_path=prepared.simplified_path,
+            calibration_path=prepared.calibration_path,
             input_shapes=prepared.input_shapes,
             target=cfg.target,
             trials_per_task=cfg.trials_per_task,

@@ -16,6 +16,9 @@ calls with ``timed_block``. Every duration is in seconds.
 - ``lutc-untuned``: ``lut_compiler.compile`` with no tuning (default CPU schedules only).
 - ``lutc``: ``lut_compiler.compile`` (default schedules for untuned kernels,
   weight prepacking, database reuse).
+- ``lutc-lut``: ``lutc`` with every eligible layer rewritten into encode + lookup-add
+  (k-means codebooks from the case's calibration inputs; lossy: its error column
+  shows by how much).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class BuildSpec:
     system: str
     model_path: str
     simplified_path: str
+    calibration_path: str
     input_shapes: dict[str, tuple[int, ...]]
     target: str
     trials_per_task: int
@@ -209,11 +213,14 @@ def build_lutc(spec: BuildSpec) -> Built:
     """``lut_compiler.compile`` with the same trials per task, exported as ``model.so``."""
     import lut_compiler
 
+    lut = spec.system == "lutc-lut"
     config = lut_compiler.CompileConfig(
         input_shapes=dict(spec.input_shapes),
         tune=lut_compiler.TuneConfig(trials_per_task=spec.trials_per_task, work_dir=spec.tuning_dir, seed=spec.seed),
+        lut=lut_compiler.LutConfig() if lut else None,
     )
-    model = lut_compiler.compile(spec.model_path, config, target=spec.target, progress=spec.progress)
+    model = lut_compiler.compile(spec.model_path, config, target=spec.target, progress=spec.progress,
+                                 calibration=spec.calibration_path if lut else None)
     start = time.perf_counter()
     model.export(spec.artifact_dir)
     export_s = time.perf_counter() - start
@@ -248,6 +255,7 @@ BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
     "tvm-tuned": build_tvm_tuned,
     "lutc-untuned": build_lutc_untuned,
     "lutc": build_lutc,
+    "lutc-lut": build_lutc,
 }
 
 

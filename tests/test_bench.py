@@ -1,4 +1,4 @@
-"""``lutc bench --quick`` end to end: all four systems measured, outputs match ORT, files written.
+"""``lutc bench --quick`` end to end: every system measured, outputs match ORT, files written.
 
 About 2-3 minutes on 2 cores (two MetaSchedule tunings of the MLP at 2 trials per task).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc"}
+SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut"}
 
 
 def _lutc() -> list[str]:
@@ -34,9 +34,12 @@ def test_quick_bench(tmp_path):
         assert row["status"] == "ok", row
         assert row["median_s"] > 0 and row["rounds"] == 3 and len(row["per_round_s"]) == 3, row
         assert 0 < row["p10_s"] <= row["median_s"] <= row["p90_s"], row
-        assert row["max_abs_err"] < 1e-4, row
+        if row["system"] == "lutc-lut":  # lossy: its error is reported, not bounded here
+            assert 0 < row["max_abs_err"] < float("inf"), row
+        else:
+            assert row["max_abs_err"] < 1e-4, row
         assert row["ratio_to_ort"] > 0, row
-    tuned = {r["system"]: r for r in rows if r["system"] in ("tvm-tuned", "lutc")}
+    tuned = {r["system"]: r for r in rows if r["system"] in ("tvm-tuned", "lutc", "lutc-lut")}
     assert all(r["tune_s"] > 0 and r["tuning"]["trials_per_task"] == 2 for r in tuned.values())
     assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2
     assert results["machine"]["cores"] >= 1 and results["machine"]["mcpu"]
