@@ -10,6 +10,7 @@ legalization; the lookup-add folds the following bias add (``lut_rewrite``).
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from ..config import LutConfig
@@ -69,14 +70,17 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight.reshape(c.weight.shape[0], -1).T
 
 
+def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+    """(encode, lookup-add) PrimFuncs of a planned layer."""
+    geom = geometry(plan.candidate, plan.subspace_len)
+    return encode_conv(geom, plan.centroids), lookup_add_conv(geom, plan.centroids, table_dtype)
+
+
 def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     """Encode + lookup-add calls for x; returns the unbound NCHW result."""
-    c = plan.candidate
-    geom = geometry(c, plan.subspace_len)
-    b, o, oh, ow = c.output_shape
-    encode = add_kernel(bb, encode_conv(geom, plan.centroids), "lut_encode_conv")
-    codes = bb.emit(relax.call_tir(encode, [x, consts.centroids, consts.sq_norms],
+    b, o, oh, ow = plan.candidate.output_shape
+    encode, lookup = kernels(plan, consts.table_dtype)
+    codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode_conv"), [x, consts.centroids, consts.sq_norms],
                                    relax.TensorType((b, oh, ow, plan.codebooks), "uint8")), "lut_codes")
-    lookup = add_kernel(bb, lookup_add_conv(geom, plan.centroids, consts.table_dtype), "lut_lookup_add_conv")
-    return relax.call_tir(lookup, [codes, consts.tables, consts.scale, consts.bias],
+    return relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add_conv"), [codes, consts.tables, consts.scale, consts.bias],
                           relax.TensorType((b, o, oh, ow), "float32"))

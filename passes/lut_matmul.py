@@ -8,6 +8,7 @@ legalization; the lookup-add folds the following bias add (``lut_rewrite``).
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from ..config import LutConfig
@@ -50,17 +51,25 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight
 
 
+def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
+    """(encode, lookup-add) PrimFuncs of a planned layer."""
+    c = plan.candidate
+    m, d, n = num_rows(c), c.weight_shape[0], c.weight_shape[1]
+    return (encode_linear(m, d, plan.codebooks, plan.centroids),
+            lookup_add_linear(m, plan.codebooks, plan.centroids, n, table_dtype))
+
+
 def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     """Encode + lookup-add calls for x; returns the unbound result in the matmul's output shape."""
     c = plan.candidate
     m, d, n = num_rows(c), c.weight_shape[0], c.weight_shape[1]
     if len(c.input_shape) != 2:
         x = bb.emit(relax.op.reshape(x, (m, d)))
-    encode = add_kernel(bb, encode_linear(m, d, plan.codebooks, plan.centroids), "lut_encode")
-    codes = bb.emit(relax.call_tir(encode, [x, consts.centroids, consts.sq_norms],
+    encode, lookup = kernels(plan, consts.table_dtype)
+    codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode"), [x, consts.centroids, consts.sq_norms],
                                    relax.TensorType((m, plan.codebooks), "uint8")), "lut_codes")
-    lookup = add_kernel(bb, lookup_add_linear(m, plan.codebooks, plan.centroids, n, consts.table_dtype), "lut_lookup_add")
-    y = relax.call_tir(lookup, [codes, consts.tables, consts.scale, consts.bias], relax.TensorType((m, n), "float32"))
+    y = relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add"), [codes, consts.tables, consts.scale, consts.bias],
+                       relax.TensorType((m, n), "float32"))
     if len(c.output_shape) != 2:
         y = relax.op.reshape(bb.emit(y), c.output_shape)
     return y
