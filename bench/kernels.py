@@ -126,8 +126,8 @@ def kernel_times(shape: LayerShape, model_path: str, trials: int, work_dir: str,
     from ..tuning import apply_database, tune
 
     tvm_target = resolve_target(target)
-    layer = next(p for p in plan(import_onnx(model_path), LutConfig()) if p.replaced)
-    times = {"V": layer.subspace_len, "C": layer.codebooks, "K": layer.centroids}
+    layer = next(p for p in plan(import_onnx(model_path), LutConfig(), tvm_target) if p.replaced)
+    times = {"V": layer.subspace_len, "C": layer.codebooks, "K": layer.centroids, "lanes": layer.lanes}
     for name, func in zip(("encode", "lookup_add"), layer.rule.kernels(layer, "int8")):
         mod = _kernel_module(func, f"lut_{name}")
         if trials > 0:

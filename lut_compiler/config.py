@@ -57,6 +57,9 @@ class LutConfig:
     kmeans_iters: Lloyd iterations per sub-space.
     task: what the accuracy report treats the outputs as: "classification" (top-1
         agreement of logits), "embedding", or "auto" (classification when labels are given).
+    kernel: lookup-add kernel of matmul layers: "shuffle" (VPSHUFB table lookups; needs
+        AVX2 or AVX-512BW, K = 16 and int8 tables), "generic", or "auto" (shuffle where it
+        applies and the layer has at least one shuffle's worth of rows).
     """
 
     layers: str = "all"
@@ -71,12 +74,15 @@ class LutConfig:
     holdout: float = 0.2
     kmeans_iters: int = 50
     task: str = "auto"
+    kernel: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()}
         if self.task not in ("auto", "classification", "embedding"):
             raise ValueError(f"task must be auto, classification or embedding, got {self.task!r}")
+        if self.kernel not in ("auto", "shuffle", "generic"):
+            raise ValueError(f"kernel must be auto, shuffle or generic, got {self.kernel!r}")
         if self.table_dtype not in ("int8", "float32"):
             raise ValueError(f"table_dtype must be int8 or float32, got {self.table_dtype!r}")
         for k in [self.centroids] + [o.centroids for o in self.overrides.values() if o.centroids]:

@@ -41,17 +41,23 @@ class LutResult:
         return len(self.held_out) == len(self.samples)
 
 
-def plan(imported: ImportedModel, cfg: LutConfig) -> list[LayerPlan]:
-    """A plan per matmul/conv2d; layers whose input ONNX Runtime cannot show stay dense."""
+def plan(imported: ImportedModel, cfg: LutConfig, target: tvm.target.Target | None = None) -> list[LayerPlan]:
+    """A plan per matmul/conv2d; layers whose input ONNX Runtime cannot show stay dense.
+
+    With a target, replaced layers also get their lookup-add kernel (shuffle lanes or generic).
+    """
     plans = plan_layers(find_candidates(imported.mod, imported.weight_users), cfg)
     for p in plans:
         if p.replaced and p.candidate.activation is None:
             p.reason = "input not traced to an ONNX tensor (cannot calibrate)"
+        if p.replaced and target is not None:
+            p.lanes = p.rule.shuffle_lanes(p, cfg, target)
     return plans
 
 
 def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationSource | None,
-              labels: np.ndarray | None = None, progress: bool = True) -> tuple[tvm.IRModule, LutResult]:
+              target: tvm.target.Target, labels: np.ndarray | None = None,
+              progress: bool = True) -> tuple[tvm.IRModule, LutResult]:
     """Rewrite the selected layers of ``imported.mod`` into encode + lookup-add calls.
 
     labels: integer labels, one per output row of every calibration sample (optional).
@@ -60,7 +66,7 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
         raise CalibrationError("the lookup-add rewrite needs calibration data (--calib DATA.npz)")
     samples = load_samples(calibration, imported.inputs)
     labels = labels_per_sample(labels, len(samples)) if labels is not None else None
-    plans = plan(imported, cfg)
+    plans = plan(imported, cfg, target)
     chosen = [p for p in plans if p.replaced]
     train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
     rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)

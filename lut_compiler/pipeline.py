@@ -106,7 +106,7 @@ def compile(  # noqa: A001 - the public verb
     mod, lut = imported.mod, None
     if config.lut is not None:
         with phases.phase("lut"):
-            mod, lut = apply_lut(imported, config.lut, calibration, labels, progress)
+            mod, lut = apply_lut(imported, config.lut, calibration, target, labels, progress)
         phases.dump("lut", mod)
     with phases.phase("legalize"):
         mod = legalize(mod, target, config.weight_prepack)

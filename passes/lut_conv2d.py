@@ -70,6 +70,11 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight.reshape(c.weight.shape[0], -1).T
 
 
+def shuffle_lanes(plan, cfg: LutConfig, target) -> None:
+    """Convolutions use the generic lookup-add (no shuffle kernel for them yet)."""
+    return None
+
+
 def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
     """(encode, lookup-add) PrimFuncs of a planned layer."""
     geom = geometry(plan.candidate, plan.subspace_len)

@@ -1,7 +1,9 @@
 """matmul(x, W) [+ b] -> reshape(lut_lookup_add(lut_encode(reshape(x, [M, D])), T, s, b), out).
 
 x [..., D] float32, W [D, N] a constant (or permute_dims of one, the importer's Gemm form).
-D splits into C = D / V sub-spaces of length V. Runs on the imported module, before
+D splits into C = D / V sub-spaces of length V. With K = 16 and int8 tables on a target with
+AVX2 / AVX-512BW the lookup-add is the VPSHUFB kernel (codes transposed [C, M'], tables
+laid out at compile time), else the generic one. Runs on the imported module, before
 legalization; the lookup-add folds the following bias add (``lut_rewrite``).
 """
 
@@ -14,6 +16,8 @@ from tvm import relax
 from ..config import LutConfig
 from ..schedules.lut_encode_linear import encode_linear
 from ..schedules.lut_lookup_linear import lookup_add_linear
+from ..schedules.lut_lookup_shuffle import CENTROIDS, lookup_add_shuffle, padded_rows
+from ..schedules.lut_lookup_shuffle import shuffle_lanes as target_lanes
 from .find_candidates import Candidate
 from .lut_rewrite import add_kernel
 
@@ -51,10 +55,22 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight
 
 
+def shuffle_lanes(plan, cfg: LutConfig, target: tvm.target.Target) -> int | None:
+    """Rows per VPSHUFB if this layer should use the shuffle lookup-add on ``target``, else None."""
+    lanes = target_lanes(target)
+    if cfg.kernel == "generic" or lanes is None or plan.centroids != CENTROIDS or cfg.table_dtype != "int8":
+        return None
+    return lanes if cfg.kernel == "shuffle" or num_rows(plan.candidate) >= lanes else None
+
+
 def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
-    """(encode, lookup-add) PrimFuncs of a planned layer."""
+    """(encode, lookup-add) PrimFuncs of a planned layer: codes [M, C] for the generic
+    lookup-add, transposed and padded [C, M'] for the shuffle one."""
     c = plan.candidate
     m, d, n = num_rows(c), c.weight_shape[0], c.weight_shape[1]
+    if plan.lanes:
+        return (encode_linear(m, d, plan.codebooks, plan.centroids, transposed_rows=padded_rows(m, plan.lanes)),
+                lookup_add_shuffle(m, plan.codebooks, n, plan.lanes))
     return (encode_linear(m, d, plan.codebooks, plan.centroids),
             lookup_add_linear(m, plan.codebooks, plan.centroids, n, table_dtype))
 
@@ -66,8 +82,9 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     if len(c.input_shape) != 2:
         x = bb.emit(relax.op.reshape(x, (m, d)))
     encode, lookup = kernels(plan, consts.table_dtype)
+    codes_shape = (plan.codebooks, padded_rows(m, plan.lanes)) if plan.lanes else (m, plan.codebooks)
     codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode"), [x, consts.centroids, consts.sq_norms],
-                                   relax.TensorType((m, plan.codebooks), "uint8")), "lut_codes")
+                                   relax.TensorType(codes_shape, "uint8")), "lut_codes")
     y = relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add"), [codes, consts.tables, consts.scale, consts.bias],
                        relax.TensorType((m, n), "float32"))
     if len(c.output_shape) != 2:

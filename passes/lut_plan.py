@@ -22,7 +22,8 @@ class LayerPlan:
     """One candidate's product-quantization shape and fate.
 
     subspace_len V and codebooks C (D = C x V) are 0 when not eligible; reason says why a
-    layer stays dense (None when it is replaced).
+    layer stays dense (None when it is replaced). lanes: rows per shuffle of the VPSHUFB
+    lookup-add (32 AVX2, 64 AVX-512BW), None for the generic kernel (set per target).
     """
 
     candidate: Candidate
@@ -30,6 +31,7 @@ class LayerPlan:
     codebooks: int
     centroids: int
     reason: str | None
+    lanes: int | None = None
 
     @property
     def replaced(self) -> bool:

@@ -18,6 +18,8 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..schedules.lut_lookup_shuffle import shuffle_tables
+
 
 def add_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str) -> relax.GlobalVar:
     """Add a TE-made PrimFunc (whose global symbol is "main") under its own name."""
@@ -38,8 +40,11 @@ class LayerConstants:
 
     @classmethod
     def of(cls, layer) -> LayerConstants:
+        """The layer's constants; shuffle kernels get their table layout here, once."""
         sq_norms = np.square(layer.centroids).sum(-1).astype(np.float32)
-        return cls(relax.const(layer.centroids), relax.const(sq_norms), relax.const(layer.tables),
+        lanes = layer.plan.lanes
+        tables = shuffle_tables(layer.tables, lanes) if lanes else layer.tables
+        return cls(relax.const(layer.centroids), relax.const(sq_norms), relax.const(tables),
                    relax.const(layer.scale), relax.const(layer.bias), str(layer.tables.dtype))
 
 

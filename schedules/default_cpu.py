@@ -25,6 +25,7 @@ from tvm.target.codegen import llvm_cpu_has_features
 
 from .lut_encode_linear import schedule_encode
 from .lut_lookup_linear import schedule_lookup_add
+from .lut_lookup_shuffle import schedule_lookup_add_shuffle
 
 _ScheduleError = s_tir.schedule.ScheduleError
 # Loop iterations (multiply-adds, elements) below which waking the thread pool costs more
@@ -528,7 +529,7 @@ class LutKernels(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         lanes = cpu_knobs(target).lanes("float32")
-        for schedule in (schedule_encode, schedule_lookup_add):
+        for schedule in (schedule_lookup_add_shuffle, schedule_encode, schedule_lookup_add):
             sch = s_tir.Schedule(func)
             if schedule(sch, lanes, _MIN_PARALLEL_WORK):
                 return sch

@@ -4,73 +4,76 @@ Same math as `lut_lookup_linear` with K = 16 centroids and int8 tables T [C, 16,
 
     Y[m, n] = float32(sum_c T[c, code[m, c], n]) * scale[n] + bias[n]          Y float32 [M, N]
 
-MADDNESS / T-MAC style: the 16-entry table T[c, :, n] fits one 128-bit lane, so one VPSHUFB
-looks it up for `lanes` rows at once (32 with AVX2 ymm, 64 with AVX-512BW zmm), indexed by
-the codes of codebook c for those rows.
+MADDNESS / T-MAC style: the 16-entry table T[c, :, n] fits one 128-bit lane, so VPSHUFB looks
+it up for a whole vector of rows at once (32 rows per 2 shuffles with AVX2 ymm, 64 with
+AVX-512BW zmm: `lanes`), indexed by the codes of codebook c for those rows.
 
-Layouts (all made once, at compile time or by the encoder):
+Layouts (made once: at compile time, or by the encoder):
 - codes_t uint8 [C, rows_padded]: codes transposed (rows contiguous), rows_padded = rows
-  rounded up to `lanes` (`padded_rows`). Pad codes may be ANY byte (VPSHUFB reads only bits
-  0-3 and 7 of an index, and pad rows are computed but never stored); `encode_linear_t` writes 0.
-- tables_l uint8 [N, C, lanes] (`shuffle_tables`): T[c, :, n] + 128 (so 0..255), repeated in
-  every 128-bit lane. Column-major ([N, C, ...], not [C, N, ...]) so that the tables of one
-  column tile are contiguous: with [C, N, lanes] the C tables of one column sit N*lanes bytes
-  apart, a multiple of 4 KiB, and all map to the same L1 set.
+  rounded up to `lanes` (`padded_rows`). Pad codes may be any byte (VPSHUFB reads only bits
+  0-3 and 7 of an index byte; pad rows are computed and never stored);
+  `lut_encode_linear.encode_linear(..., transposed_rows=rows_padded)` writes 0.
+- tables_l uint8 [N, C, lanes] (`shuffle_tables`): T[c, :, n] + 128 (0..255), repeated in every
+  128-bit lane (N*C*lanes bytes: 2x the int8 tables with AVX2, 4x with AVX-512). Column-major
+  ([N, C, ...]) so that the tables of a column tile are contiguous: with [C, N, lanes] the C
+  tables of one column sit N*lanes bytes apart, a multiple of 4 KiB, all in one L1 set (that
+  layout ran 2x slower).
 
-Exact integer sums in 16 bits, without sign extensions: each codes vector is split into two
-index vectors, A = codes | 0x8000 and B = (codes >> 8) | 0x8000 per 16-bit word. Index bytes
-with bit 7 set make VPSHUFB write 0, so VPSHUFB(table, A) holds T + 128 of the even rows
-zero-extended to uint16 and VPSHUFB(table, B) those of the odd rows: two shuffles and two
-VPADDW per `lanes` lookups, no widening instructions (sign-extending int8 lookups costs a
-VPEXTRACTI128 and two VPMOVSXBW per shuffle, all on the two shuffle pipes of Zen 3, which made
-that variant 2x slower). A and B are made once per codes vector and reused by the whole
-column tile.
+Exact sums in uint16 without widening instructions: the kernel first makes index =
+uint16(codes) | 0x8000 (once, [C, rows_padded]). Seen as bytes, each 16-bit word is (code,
+0x80), and VPSHUFB writes 0 for an index byte with bit 7 set, so VPSHUFB(table, index words of
+`lanes / 2` rows) returns T + 128 of those rows already zero-extended to uint16. Per `lanes`
+lookups: two shuffles and two VPADDW. (Sign-extending int8 shuffle results instead costs a
+VPEXTRACTI128 and two VPMOVSXBW per shuffle, all on Zen 3's two shuffle pipes: 2x slower.)
 
-Bound: the uint16 block accumulators add at most B biased lookups of at most 255 each, so
+Bound: a uint16 block accumulator adds at most B biased lookups of at most 255 each, so
 0 <= sum <= 255 * B <= 65535 for B <= 257 (`MAX_BLOCK`): exact. After each block of B
-codebooks the uint16 sums are widened into int32 (C * 255 < 2^31 for any C here); the
-epilogue subtracts 128 * C (exact in int32) and converts to float32 (exact while
-|sum| <= 2^24, i.e. C <= 131072).
+codebooks the uint16 sums are added into int32 (at most 255 * C: no overflow below C = 8.4 M);
+the epilogue subtracts 128 * C (exact in int32) and converts to float32 (exact while
+|sum| <= 2^24, i.e. C <= 131072), then multiplies by scale and adds bias.
 
 Schedule: `ShuffleKnobs` (row tile, column tile, codebook block, unroll, parallel loop) with
-legality filters (`ShuffleKnobs.check`, `knob_space`), `default_knobs` for untuned builds
-(`schedule_lookup_add_shuffle`, applied by `default_cpu.LutKernels`) and a MetaSchedule design
-space (`shuffle_design_space`) that samples the same knobs. The kernel's reduction block carries
-the annotation `schedule_rule = "lut_lookup_shuffle"`: MetaSchedule's post-order-apply space
-generator (its first rule, ApplyCustomRule) then calls the global function
-"s_tir.meta_schedule.cpu.lut_lookup_shuffle" (registered below) for that block; the kernel's
-other blocks carry `schedule_rule = "None"` so that no stock rule touches them.
+legality filters (`knob_space`, `ShuffleKnobs.check`), `default_knobs` for untuned builds
+(`schedule_lookup_add_shuffle`, applied by `default_cpu.LutKernels`) and a MetaSchedule
+design space (`shuffle_design_space`) that samples the same knobs. The kernel's reduction
+block carries the annotation `schedule_rule = "lut_lookup_shuffle"`: MetaSchedule's
+post-order-apply space generator (its first rule, ApplyCustomRule) then calls the global
+function "s_tir.meta_schedule.cpu.lut_lookup_shuffle" (registered below) for that block; the
+other blocks carry `schedule_rule = "None"`, and the scheduled root block too, so that no stock
+rule touches the kernel.
 
-Loop nest (`apply_knobs`): parallel column tiles [x row tiles] -> row tiles -> codebook blocks ->
-codebooks in the block (partly unrolled) -> column tile (unrolled) -> row vectors of the tile
-(unrolled) -> {2 shuffles, uint16 accumulate over `lanes` (vectorized)}; after each block the
-uint16 tile is added into an int32 tile, and after the last one the output tile is written:
-Y is row-major, so each row gets `col_tile` contiguous floats.
+Loop nest (`apply_knobs`), after the index pass: parallel column tiles [x row tiles] -> row
+tiles -> codebook blocks -> codebooks of the block (partly unrolled) -> column tile (unrolled)
+-> row vectors of the tile (unrolled) -> {2 shuffles, uint16 adds over `lanes` rows
+(vectorized)}; after each block the uint16 tile is added into an int32 tile, and after the
+last block the output tile is written: Y is row-major, so each row gets `col_tile` contiguous
+floats (gathered from the int32 tile, whose rows are contiguous).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, fields
 
 import numpy as np
 import tvm
 from tvm import s_tir, tirx
-from tvm.s_tir.schedule import ExprRV, LoopRV, SBlockRV
+from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
 CENTROIDS = 16
 TABLE_OFFSET = 128
 # Largest codebook block whose uint16 sums cannot overflow: 255 * B <= 65535.
-MAX_BLOCK = 65535 // 255 + 2  # 257, since 255 * 257 = 65535
+MAX_BLOCK = 65535 // 255  # 257
 SHUFFLE_INTRINSIC = {32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
 # Block annotations: MetaSchedule's ApplyCustomRule looks up "s_tir.meta_schedule.<target key>.<rule>".
 SCHEDULE_RULE = "lut_lookup_shuffle"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
-# Lookups below which one thread is faster than waking the pool (used by `default_knobs`).
+# Lookups below which one thread is faster than waking the pool (`default_knobs`), and
+# below which tuning tries one thread too (`knob_space`).
 MIN_PARALLEL_LOOKUPS = 1 << 18
+SERIAL_LOOKUPS = 1 << 20
 
 
 def shuffle_lanes(target: tvm.target.Target) -> int | None:
@@ -106,9 +109,10 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx
     """(codes_t uint8 [C, rows_padded], tables_l uint8 [N, C, lanes] from `shuffle_tables`,
     scale f32 [N], bias f32 [N]) -> out f32 [rows, N]; rows_padded = `padded_rows(rows, lanes)`.
 
-    Blocks: "lookup" (the two shuffles of one codes vector and one table: `lanes` uint16
-    lookups, even rows then odd rows), "acc" (their int32 sum over codebooks; the schedule
-    accumulates blocks of codebooks in uint16 first) and "out" (offset, float, scale, bias).
+    Blocks: "index" (uint16 codes | 0x8000), "lookup" (two shuffles: the uint16 lookups of
+    one table for one vector of rows), "acc" (their int32 sums over codebooks; the schedule
+    sums blocks of codebooks in uint16 first), "out" (offset, float, scale, bias). The
+    workload has no vector constants: MetaSchedule's FLOP estimate fails on Broadcast.
     """
     _check_lanes(lanes)
     if rows < 1 or codebooks < 1 or cols < 1:
@@ -120,6 +124,11 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx
     offset = TABLE_OFFSET * codebooks
     i64 = T.int64
 
+    def shuffle(table: tirx.Expr, index: tirx.Expr) -> tirx.Expr:
+        """VPSHUFB of `lanes` table bytes by `lanes / 2` index words -> `lanes / 2` uint16 lookups."""
+        as_bytes = [tirx.reinterpret(bytes_t, v) for v in (table, index)]
+        return tirx.reinterpret(words_t, tirx.call_llvm_pure_intrin(bytes_t, intrinsic, *as_bytes))
+
     @T.prim_func(s_tir=True)
     def main(
         codes_t: T.Buffer((i64(codebooks), i64(row_vectors * lanes)), "uint8"),
@@ -129,41 +138,40 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx
         out: T.Buffer((i64(rows), i64(cols)), "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
+        index = T.sblock_alloc_buffer((i64(codebooks), i64(row_vectors * lanes)), "uint16")
         # lookups of row vector r, column n, codebook c at [r, n, c * lanes: (c + 1) * lanes]
         lookups = T.sblock_alloc_buffer((i64(row_vectors), i64(cols), i64(codebooks * lanes)), "uint16")
-        # sums of rows (2 i + parity) at [i, n, parity]
-        acc = T.sblock_alloc_buffer((i64(row_vectors * half), i64(cols), i64(2)), "int32")
+        acc = T.sblock_alloc_buffer((i64(row_vectors), i64(cols), i64(lanes)), "int32")
+        for c, m in T.grid(i64(codebooks), i64(row_vectors * lanes)):
+            with T.sblock("index"):
+                vc, vm = T.axis.remap("SS", [c, m])
+                T.sblock_attr({"schedule_rule": "None"})
+                index[vc, vm] = T.Cast("uint16", codes_t[vc, vm]) | T.uint16(0x8000)
         for r, n, c in T.grid(i64(row_vectors), i64(cols), i64(codebooks)):
             with T.sblock("lookup"):
                 vr, vn, vc = T.axis.remap("SSS", [r, n, c])
-                T.reads(codes_t[vc, vr * lanes : vr * lanes + lanes], tables_l[vn, vc, 0:lanes])
+                T.reads(index[vc, vr * lanes : vr * lanes + lanes], tables_l[vn, vc, 0:lanes])
                 T.writes(lookups[vr, vn, vc * lanes : vc * lanes + lanes])
                 T.sblock_attr({"schedule_rule": "None"})
-                table = T.reinterpret(bytes_t, tables_l[vn, vc, T.ramp(i64(0), i64(1), lanes)])
-                pairs = T.reinterpret(words_t, codes_t[vc, T.ramp(vr * lanes, i64(1), lanes)])
-                high = T.broadcast(T.uint16(0x8000), half)
-                even = T.reinterpret(bytes_t, pairs | high)
-                odd = T.reinterpret(bytes_t, T.shift_right(pairs, T.broadcast(T.uint16(8), half)) | high)
-                lookups[vr, vn, T.ramp(vc * lanes, i64(1), half)] = T.reinterpret(
-                    words_t, T.call_llvm_pure_intrin(bytes_t, intrinsic, table, even)
+                # No Python locals here: TVMScript would turn each into a buffer.
+                lookups[vr, vn, T.ramp(vc * lanes, i64(1), half)] = shuffle(
+                    tables_l[vn, vc, T.ramp(i64(0), i64(1), lanes)], index[vc, T.ramp(vr * lanes, i64(1), half)]
                 )
-                lookups[vr, vn, T.ramp(vc * lanes + half, i64(1), half)] = T.reinterpret(
-                    words_t, T.call_llvm_pure_intrin(bytes_t, intrinsic, table, odd)
+                lookups[vr, vn, T.ramp(vc * lanes + half, i64(1), half)] = shuffle(
+                    tables_l[vn, vc, T.ramp(i64(0), i64(1), lanes)], index[vc, T.ramp(vr * lanes + half, i64(1), half)]
                 )
-        for r, n, p, i, c in T.grid(i64(row_vectors), i64(cols), i64(2), i64(half), i64(codebooks)):
+        for r, n, i, c in T.grid(i64(row_vectors), i64(cols), i64(lanes), i64(codebooks)):
             with T.sblock("acc"):
-                vr, vn, vp, vi, vc = T.axis.remap("SSSSR", [r, n, p, i, c])
+                vr, vn, vi, vc = T.axis.remap("SSSR", [r, n, i, c])
                 T.sblock_attr({"schedule_rule": SCHEDULE_RULE})
                 with T.init():
-                    acc[vr * half + vi, vn, vp] = 0
-                acc[vr * half + vi, vn, vp] = acc[vr * half + vi, vn, vp] + T.Cast(
-                    "int32", lookups[vr, vn, vc * lanes + vp * half + vi]
-                )
+                    acc[vr, vn, vi] = 0
+                acc[vr, vn, vi] = acc[vr, vn, vi] + T.Cast("int32", lookups[vr, vn, vc * lanes + vi])
         for m, n in T.grid(i64(rows), i64(cols)):
             with T.sblock("out"):
                 vm, vn = T.axis.remap("SS", [m, n])
                 T.sblock_attr({"schedule_rule": "None"})
-                out[vm, vn] = T.Cast("float32", acc[vm // 2, vn, vm % 2] - offset) * scale[vn] + bias[vn]
+                out[vm, vn] = T.Cast("float32", acc[vm // lanes, vn, vm % lanes] - offset) * scale[vn] + bias[vn]
 
     return main
 
@@ -187,9 +195,16 @@ def vector_registers(lanes: int) -> int:
 
 
 def max_col_tile(lanes: int, row_vectors: int) -> int:
-    """Columns per tile whose accumulators stay in registers: each (row vector, column) needs
-    two uint16 accumulators; each row vector its two index vectors; plus a table and a result."""
+    """Columns per tile whose accumulators fit the registers: each (row vector, column) needs
+    two uint16 accumulators (its two halves of rows), each row vector its two index vectors,
+    and one table and one shuffle result are live besides."""
     return max((vector_registers(lanes) - 2 - 2 * row_vectors) // (2 * row_vectors), 1)
+
+
+def block_candidates(codebooks: int) -> tuple[int, ...]:
+    """Codebook blocks: the fewest equal blocks of at most 255, and 64 and 128 (all <= C)."""
+    balanced = -(-codebooks // -(-codebooks // 255))
+    return tuple(sorted({min(codebooks, b) for b in (64, 128, balanced)}))
 
 
 @dataclass(frozen=True)
@@ -197,11 +212,11 @@ class ShuffleKnobs:
     """Schedule of `lookup_add_shuffle`.
 
     row_vectors: row tile in shuffle vectors (row tile = row_vectors * lanes rows).
-    col_tile: output columns per tile (their uint16 accumulators live in registers).
+    col_tile: output columns per tile (their uint16 accumulators stay in registers).
     block: codebooks summed in uint16 before widening to int32 (<= MAX_BLOCK).
     unroll: codebooks per iteration of the unrolled codebook loop.
     parallel: "cols" (column tiles in parallel, row tiles serial inside: a column tile's
-        tables stay in L1 for all rows), "rows_cols" (both fused in parallel) or "none".
+        tables stay in L1 across all rows), "rows_cols" (both fused in parallel) or "none".
     """
 
     row_vectors: int
@@ -213,15 +228,16 @@ class ShuffleKnobs:
     def check(self, rows: int, codebooks: int, cols: int, lanes: int) -> str | None:
         """Why these knobs are illegal for the shape (None if legal)."""
         space = knob_space(rows, codebooks, cols, lanes)
-        for knob in fields(self):
-            value = getattr(self, knob.name)
-            if knob.name == "col_tile":
-                allowed = space.col_tiles[self.row_vectors] if self.row_vectors in space.col_tiles else ()
-            else:
-                allowed = getattr(space, {"row_vectors": "row_vectors", "block": "blocks", "unroll": "unrolls",
-                                          "parallel": "parallels"}[knob.name])
-            if value not in allowed:
-                return f"{knob.name}={value!r} not in {list(allowed)}"
+        allowed = {
+            "row_vectors": space.row_vectors,
+            "col_tile": space.col_tiles.get(self.row_vectors, ()),
+            "block": space.blocks,
+            "unroll": space.unrolls,
+            "parallel": space.parallels,
+        }
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                return f"{name}={getattr(self, name)!r} not in {list(values)}"
         return None
 
 
@@ -236,7 +252,7 @@ class KnobSpace:
     parallels: tuple[str, ...]
 
     def grid(self) -> list[ShuffleKnobs]:
-        """Every legal combination."""
+        """Every legal combination (what `shuffle_design_space` can sample)."""
         return [
             ShuffleKnobs(r, t, b, u, p)
             for r in self.row_vectors
@@ -244,37 +260,35 @@ class KnobSpace:
         ]
 
 
-def block_candidates(codebooks: int) -> tuple[int, ...]:
-    """Codebook blocks: the fewest equal blocks of at most 255, and 64 and 128 (all <= C)."""
-    balanced = -(-codebooks // -(-codebooks // 255))
-    return tuple(sorted({min(codebooks, b) for b in (64, 128, balanced)}))
-
-
 def knob_space(rows: int, codebooks: int, cols: int, lanes: int) -> KnobSpace:
-    """Legality filters: row tiles and column tiles divide the (padded) shape, column tiles fit
-    the register budget (`max_col_tile`), blocks are <= MAX_BLOCK (uint16 sums exact)."""
+    """Legality filters: row tiles divide the padded rows (1 or 2 vectors), column tiles
+    divide N and fit the register budget (`max_col_tile`), codebook blocks are <= MAX_BLOCK
+    (uint16 sums exact), unroll in {1, 2, 4}; serial only below SERIAL_LOOKUPS lookups."""
     _check_lanes(lanes)
     row_vectors = padded_rows(rows, lanes) // lanes
     rvs = tuple(r for r in (1, 2) if row_vectors % r == 0)
     col_tiles = {r: tuple(t for t in range(1, max_col_tile(lanes, r) + 1) if cols % t == 0) for r in rvs}
     blocks = tuple(b for b in block_candidates(codebooks) if 1 <= b <= MAX_BLOCK)
-    return KnobSpace(rvs, col_tiles, blocks, (1, 2, 4), ("cols", "rows_cols", "none"))
+    parallels = ("cols", "rows_cols") + (("none",) if rows * codebooks * cols < SERIAL_LOOKUPS else ())
+    return KnobSpace(rvs, col_tiles, blocks, (1, 2, 4), parallels)
 
 
-def default_knobs(rows: int, codebooks: int, cols: int, lanes: int, cores: int = 2) -> ShuffleKnobs:
-    """One row vector, the widest column tile up to 4, one block if C <= 255 (else equal
-    blocks), LLVM's unrolling; column tiles in parallel when there are enough of them."""
+def default_knobs(rows: int, codebooks: int, cols: int, lanes: int) -> ShuffleKnobs:
+    """One row vector, the widest column tile up to 4 (AVX2) or 8 (AVX-512), the fewest
+    blocks, 2 codebooks per unrolled iteration; serial below MIN_PARALLEL_LOOKUPS lookups,
+    else column tiles in parallel when there are at least 8 of them (else row tiles too)."""
     space = knob_space(rows, codebooks, cols, lanes)
-    col_tile = max(t for t in space.col_tiles[1] if t <= 4)
-    block = max(space.blocks)
+    col_tile = max(t for t in space.col_tiles[1] if t <= lanes // 8)
     if rows * codebooks * cols < MIN_PARALLEL_LOOKUPS:
         parallel = "none"
     else:
-        parallel = "cols" if cols // col_tile >= 4 * cores else "rows_cols"
-    return ShuffleKnobs(1, col_tile, block, 1, parallel)
+        parallel = "cols" if cols // col_tile >= 8 else "rows_cols"
+    return ShuffleKnobs(1, col_tile, max(space.blocks), 2, parallel)
 
 
 # ---------------------------------------------------------------- schedule
+
+KNOB_ANNOTATION = "lut_shuffle."  # + knob name: the knobs of a scheduled kernel, on its root block
 
 
 @dataclass(frozen=True)
@@ -283,6 +297,7 @@ class _Kernel:
 
     acc: SBlockRV
     lookup: SBlockRV
+    index: SBlockRV
     out: SBlockRV
     rows: int
     codebooks: int
@@ -290,52 +305,53 @@ class _Kernel:
     lanes: int
 
 
-def _annotated_block(sch: s_tir.Schedule) -> SBlockRV | None:
-    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
-        if sch.get(block).annotations.get("schedule_rule") == SCHEDULE_RULE:
-            return block
-    return None
-
-
-def _has_root(sch: s_tir.Schedule) -> bool:
-    try:
-        sch.get_sblock("root")
-    except (s_tir.schedule.ScheduleError, RuntimeError, ValueError):
-        return False
-    return True
-
-
 def _kernel(sch: s_tir.Schedule, acc: SBlockRV) -> _Kernel | None:
-    """Read the shape from the blocks around the annotated reduction `acc`; None if the
-    function is not a (possibly fused) shuffle lookup-add."""
+    """The kernel around its reduction block `acc`, shape read from the buffers."""
     producers, consumers = sch.get_producers(acc), sch.get_consumers(acc)
     if len(producers) != 1 or len(consumers) != 1:
         return None
     lookup, out = producers[0], consumers[0]
-    tables = sch.get(lookup).reads[1].source
-    codes = sch.get(lookup).reads[0].source
+    index = sch.get_producers(lookup)
+    reads = sch.get(lookup).reads
     output = sch.get(out).writes[0].source
-    if len(tables.shape) != 3 or len(codes.shape) != 2 or len(output.shape) != 2:
+    if len(index) != 1 or len(reads) != 2 or len(reads[1].source.shape) != 3 or len(output.shape) != 2:
         return None
-    cols, codebooks, lanes = (int(d) for d in tables.shape)
-    return _Kernel(acc, lookup, out, int(output.shape[0]), codebooks, cols, lanes)
+    cols, codebooks, lanes = (int(d) for d in reads[1].source.shape)
+    return _Kernel(acc, lookup, index[0], out, int(output.shape[0]), codebooks, cols, lanes)
 
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
-    """The shuffle lookup-add in `sch` (by its block annotation), or None."""
-    acc = _annotated_block(sch)
-    return _kernel(sch, acc) if acc is not None else None
+    """The unscheduled shuffle lookup-add in `sch`, found by its block annotation."""
+    try:
+        root = sch.get_sblock("root")
+    except (RuntimeError, ValueError):  # no root block
+        return None
+    if KNOB_ANNOTATION + "block" in sch.get(root).annotations:  # already scheduled
+        return None
+    for block in sch.get_child_blocks(root):
+        if sch.get(block).annotations.get("schedule_rule") == SCHEDULE_RULE:
+            return _kernel(sch, block)
+    return None
 
 
 def apply_knobs(sch: s_tir.Schedule, knobs: ShuffleKnobs) -> None:
     """Schedule the shuffle lookup-add in `sch` with `knobs` (checked first)."""
     kernel = find_kernel(sch)
     if kernel is None:
-        raise ValueError("no lookup_add_shuffle kernel in this schedule")
+        raise ValueError("no unscheduled lookup_add_shuffle kernel in this schedule")
     reason = knobs.check(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes)
     if reason is not None:
         raise ValueError(f"illegal knobs {knobs}: {reason}")
     _schedule(sch, kernel, knobs.row_vectors, [None, knobs.col_tile], knobs.block, knobs.unroll, knobs.parallel)
+
+
+def scheduled_knobs(func: tirx.PrimFunc) -> ShuffleKnobs | None:
+    """The knobs a scheduled (default or tuned) shuffle lookup-add was built with."""
+    annotations = func.body.block.annotations if isinstance(func.body, s_tir.SBlockRealize) else {}
+    values = {f.name: annotations.get(KNOB_ANNOTATION + f.name) for f in fields(ShuffleKnobs)}
+    if any(v is None for v in values.values()):
+        return None
+    return ShuffleKnobs(**{k: v if k == "parallel" else int(v) for k, v in values.items()})
 
 
 Factor = int | ExprRV
@@ -351,36 +367,33 @@ def _schedule(
     parallel: str,
 ) -> None:
     """The loop nest of the module docstring. Row tile and parallel loop are structural;
-    column tile, block and unroll may be sampled random variables (MetaSchedule)."""
-    half = kernel.lanes // 2
-    r, n, p, i, c = sch.get_loops(kernel.acc)
-    lane = sch.fuse(p, i)
+    column tile, block and unroll may be sampled random variables (MetaSchedule): the loop
+    structure, and so the trace, must not depend on their values."""
+    r, n, lane, c = sch.get_loops(kernel.acc)
     n_o, n_i = sch.split(n, col_factors)
     r_o, r_i = sch.split(r, [None, row_vectors])
     c_b, c_i = sch.split(c, [None, block])
     c_o, c_u = sch.split(c_i, [None, unroll])
     sch.reorder(n_o, r_o, c_b, c_o, c_u, n_i, r_i, lane)
-    partial = sch.rfactor(c_b, 0)  # the uint16 sums of one block: [block, rows/2, N, 2]
-    sch.unsafe_set_dtype(partial, 0, "uint16")  # exact: see MAX_BLOCK
+    partial = sch.rfactor(c_b, 0)  # the sums of one block: [blocks, row vectors, N, lanes] ...
+    sch.unsafe_set_dtype(partial, 0, "uint16")  # ... in uint16, exact (see MAX_BLOCK)
     n_o, r_o, c_b, c_o, c_u, n_i, r_i, lane = sch.get_loops(partial)
-    sch.reverse_compute_at(kernel.acc, c_b)  # widen into int32 after each block
-    sch.compute_at(kernel.lookup, r_i)
-    sch.reverse_compute_at(kernel.out, r_o)
-    # Even/odd rows of a row vector contiguous: [row vector, n, parity, i].
-    sch.transform_layout(kernel.acc, ("write", 0), lambda m2, n_, p_: (m2 // half, n_, p_, m2 % half))
-    sch.transform_layout(partial, ("write", 0), lambda b, m2, n_, p_: (b, m2 // half, n_, p_, m2 % half))
-    for blk in (kernel.lookup, partial, kernel.acc):
-        sch.set_scope(blk, 0, "local")
+    sch.reverse_compute_at(kernel.acc, c_b, preserve_unit_loops=True)  # int32 += block sums
+    sch.compute_at(kernel.lookup, r_i, preserve_unit_loops=True)
+    sch.reverse_compute_at(kernel.out, r_o, preserve_unit_loops=True)
+    # (Global scope for the tiles: with "local" scope LLVM kept them in memory.)
 
     sch.vectorize(lane)
-    sch.unroll(r_i)
-    sch.unroll(n_i)
-    sch.unroll(c_u)
-    widen = sch.get_loops(kernel.acc)[3:]  # r, n, parity, i under n_o, r_o, c_b
-    sch.vectorize(sch.fuse(*widen[2:]))
-    for loop in widen[:2]:
+    for loop in (r_i, n_i, c_u):
         sch.unroll(loop)
+    _, w_r, w_n, w_i = sch.get_loops(kernel.acc)[3:]  # under n_o, r_o, c_b (and a unit loop)
+    sch.vectorize(w_i)
+    sch.unroll(w_r)
+    sch.unroll(w_n)
     _schedule_epilogue(sch, kernel)
+    # The index: once for all column tiles, before them.
+    _, m = sch.get_loops(kernel.index)
+    sch.vectorize(sch.split(m, [None, kernel.lanes])[1])
 
     if parallel == "cols":
         sch.parallel(n_o)
@@ -389,11 +402,21 @@ def _schedule(
     sch.decompose_reduction(partial, c_o)
     sch.decompose_reduction(kernel.acc, c_b)
 
+    root = sch.get_sblock("root")
+    # Keep MetaSchedule's stock rules (ParallelizeVectorizeUnroll on the root) off the kernel.
+    sch.annotate(root, "schedule_rule", "None")
+    knobs = {"row_vectors": row_vectors, "col_tile": col_factors[-1], "block": block, "unroll": unroll,
+             "parallel": parallel}
+    for name, value in knobs.items():
+        sch.annotate(root, KNOB_ANNOTATION + name, value)
+
 
 def _schedule_epilogue(sch: s_tir.Schedule, kernel: _Kernel) -> None:
-    """Output tile: rows x col_tile contiguous floats per row, 8 rows unrolled."""
-    m, n = sch.get_loops(kernel.out)[-2:]
-    m_o, m_i = sch.split(m, [None, 8])
+    """Output tile: each row gets col_tile contiguous floats (vectorized: a strided gather from
+    the int32 tile), 8 rows unrolled. Measured no faster: unrolling all rows (and columns);
+    a float tile vectorized over rows and then transposed by LLVM's shuffles."""
+    _, _, m, n = sch.get_loops(kernel.out)  # under n_o, r_o
+    m_i = sch.split(m, [None, 8])[1]
     sch.unroll(m_i)
     sch.vectorize(n)
 
@@ -401,25 +424,25 @@ def _schedule_epilogue(sch: s_tir.Schedule, kernel: _Kernel) -> None:
 # ---------------------------------------------------------------- default and tuned schedules
 
 
-def schedule_lookup_add_shuffle(sch: s_tir.Schedule, _lanes: int = 0, min_parallel_work: int = 0) -> bool:
+def schedule_lookup_add_shuffle(sch: s_tir.Schedule, _lanes: int = 0, _min_parallel_work: int = 0) -> bool:
     """Default schedule (`default_knobs`) if `sch` holds a shuffle lookup-add, else False
-    (`sch` untouched). Signature of the other `schedule_*` functions in default_cpu.LutKernels."""
+    (`sch` untouched). The signature of the other `schedule_*` in default_cpu.LutKernels;
+    the lanes come from the kernel, the parallel threshold is MIN_PARALLEL_LOOKUPS."""
     kernel = find_kernel(sch)
     if kernel is None:
         return False
-    knobs = default_knobs(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes)
-    apply_knobs(sch, knobs)
+    apply_knobs(sch, default_knobs(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes))
     return True
 
 
 def shuffle_design_space(sch: s_tir.Schedule, block: SBlockRV) -> list[s_tir.Schedule]:
-    """MetaSchedule design space of the shuffle lookup-add whose reduction is `block`.
+    """MetaSchedule design space of the shuffle lookup-add whose reduction block is `block`.
 
     One design space per structural choice (row tile x parallel loop); in each, the column
-    tile is sampled with `sample_perfect_tile` (divisors of N up to the register budget), the
-    codebook block and the unroll factor with `sample_categorical`, all from `knob_space`, so
-    that every decision is recorded in the trace (and the column tile is mutated by the
-    evolutionary search).
+    tile is sampled with `sample_perfect_tile` (divisors of N up to the register budget) and
+    the codebook block and unroll factor with `sample_categorical`, all from `knob_space`:
+    every decision is in the trace (and in the root block's `lut_shuffle.*` annotations),
+    and the evolutionary search mutates the column tile.
     """
     kernel = _kernel(sch, block)
     if kernel is None:
@@ -428,15 +451,12 @@ def shuffle_design_space(sch: s_tir.Schedule, block: SBlockRV) -> list[s_tir.Sch
     spaces = []
     for row_vectors, parallel in itertools.product(space.row_vectors, space.parallels):
         new = sch.copy()
-        acc = _annotated_block(new)
-        k = _kernel(new, acc)
-        n = new.get_loops(k.acc)[1]
-        col_factors = new.sample_perfect_tile(n, n=2, max_innermost_factor=max(space.col_tiles[row_vectors]))
-        block_rv = new.sample_categorical(list(space.blocks), _uniform(space.blocks))
-        unroll_rv = new.sample_categorical(list(space.unrolls), _uniform(space.unrolls))
-        _schedule(new, k, row_vectors, list(col_factors), block_rv, unroll_rv, parallel)
-        # Keep the stock rules (e.g. ParallelizeVectorizeUnroll on the root) off this kernel.
-        new.annotate(new.get_sblock("root"), "schedule_rule", "None")
+        k = _kernel(new, block)
+        max_cols = max(space.col_tiles[row_vectors])
+        cols = new.sample_perfect_tile(new.get_loops(k.acc)[1], n=2, max_innermost_factor=max_cols)
+        block_size = new.sample_categorical(list(space.blocks), _uniform(space.blocks))
+        unroll = new.sample_categorical(list(space.unrolls), _uniform(space.unrolls))
+        _schedule(new, k, row_vectors, list(cols), block_size, unroll, parallel)
         spaces.append(new)
     return spaces
 
@@ -445,6 +465,8 @@ def _uniform(values) -> list[float]:
     return [1.0 / len(values)] * len(values)
 
 
+# MetaSchedule's ApplyCustomRule calls "s_tir.meta_schedule.<target key>.<schedule_rule>" for
+# a block annotated with schedule_rule; llvm targets have the key "cpu".
 @tvm.register_global_func(RULE_FUNCTION, override=True)
 def _metaschedule_rule(sch: s_tir.Schedule, block: SBlockRV) -> list[s_tir.Schedule]:
     return shuffle_design_space(sch, block)

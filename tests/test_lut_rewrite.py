@@ -20,6 +20,7 @@ from lut_compiler.config import CompileConfig, LayerOverride, LutConfig
 from lut_compiler.errors import CalibrationError
 from lut_compiler.lut import apply_lut, plan
 from lut_compiler.onnx_import import import_onnx
+from lut_compiler.target import resolve_target
 from lut_compiler.tensor_spec import TensorSpec
 
 
@@ -157,7 +158,8 @@ def test_rewritten_ir(tmp_path):
     path = export(CNN(), torch.randn(1, 3, 6, 6), tmp_path / "cnn.onnx", "x", {0: "batch"})
     imported = import_onnx(path, {"x": (1, 3, 6, 6)})
     samples = _grid_samples((1, 3, 6, 6), 4, seed=0)
-    mod, result = apply_lut(imported, LutConfig(layers="last:2"), samples, progress=False)
+    mod, result = apply_lut(imported, LutConfig(layers="last:2", kernel="generic"), samples, resolve_target("host"),
+                            progress=False)
     calls = [b.value for block in mod["main"].body.blocks for b in block.bindings if isinstance(b.value, tvm.relax.Call)]
     names = [c.op.name if isinstance(c.op, tvm.ir.Op) else "call_tir" for c in calls]
     kernels = sorted(c.args[0].name_hint for c in calls if getattr(c.op, "name", "") == "relax.call_tir")
@@ -245,3 +247,21 @@ def test_cli_lut_needs_good_calibration(tmp_path, models):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: 3 labels do not split evenly over 4 calibration samples"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("rows", [40, 64])
+def test_shuffle_kernel_matches_generic(tmp_path, rows):
+    """On an AVX2 host, kernel="shuffle" emits the VPSHUFB lookup-add; it computes what the generic one does."""
+    torch.manual_seed(6)
+    path = export(MLP(), torch.randn(2, 48), tmp_path / "mlp.onnx", "x", {0: "batch"})
+    samples = _grid_samples((rows, 48), 4, seed=rows)
+    models = {k: _compile_lut(path, (rows, 48), samples, LutConfig(kernel=k, holdout=0.0)) for k in ("shuffle", "generic")}
+    imported = import_onnx(path, {"x": (rows, 48)})
+    mod, _ = apply_lut(imported, LutConfig(kernel="shuffle"), samples, resolve_target("host"), progress=False)
+    kernels = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any("lookup_add" in k for k in kernels)
+    shuffled = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and "pshuf" in f.script()]
+    assert len(shuffled) == 3  # one per layer
+    for feeds in samples[:2]:
+        np.testing.assert_allclose(models["shuffle"].run(feeds)["out"], models["generic"].run(feeds)["out"],
+                                   rtol=1e-6, atol=1e-6)
