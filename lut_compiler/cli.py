@@ -70,6 +70,8 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
     g.add_argument("--lut-tables", choices=["int8", "float32"], default="int8", help="table precision")
+    g.add_argument("--lut-kernel", choices=["auto", "shuffle", "generic"], default="auto",
+                   help="lookup-add kernel of matmul layers: VPSHUFB (AVX2/AVX-512BW) or generic (default auto)")
     g.add_argument("--lut-override", action="append", type=parse_override, default=[], metavar="REGEX=V[:K]",
                    help="sub-space length V (and centroids K) for layers whose name matches REGEX (repeatable)")
 
@@ -80,7 +82,7 @@ def _lut_config(args):
     try:
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
-                         task=getattr(args, "lut_task", "auto"))
+                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel)
     except ValueError as err:
         raise _usage(str(err)) from None
 
