@@ -48,9 +48,9 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
             refs[name].append(ref)
         for name, got in compiled.run(feeds).items():
             gots[name].append(got)
+    stacked = {n: (np.stack(refs[n]), np.stack(gots[n])) for n in names}  # [held-out, *output shape]
     outputs = []
-    for name in names:
-        ref, got = np.stack(refs[name]), np.stack(gots[name])
+    for name, (ref, got) in stacked.items():
         row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(_cosine(ref, got), 5)}
         if classify and _logits(ref.shape[1:]):
             row["top1_agreement"] = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
@@ -63,10 +63,10 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
         "layers": [_layer_row(p, result) for p in result.plans],
         "outputs": outputs,
     }
-    classifier = next((n for n in names if classify and _logits(np.stack(refs[n]).shape[1:])), None)
+    classifier = next((n for n, (ref, _) in stacked.items() if classify and _logits(ref.shape[1:])), None)
     if result.labels is not None and classifier is not None:
         truth = result.labels[result.held_out]
-        ref, got = np.stack(refs[classifier]).argmax(-1), np.stack(gots[classifier]).argmax(-1)
+        ref, got = (a.argmax(-1) for a in stacked[classifier])
         report["accuracy"] = {"output": classifier, "fp32": round(float(np.mean(ref == truth)), 4),
                               "lut": round(float(np.mean(got == truth)), 4)}
     return report
