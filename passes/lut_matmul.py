@@ -15,6 +15,7 @@ from tvm import relax
 
 from ..config import LutConfig
 from ..schedules.lut_encode_linear import encode_linear
+from ..schedules.lut_encode_rows import encode_rows
 from ..schedules.lut_lookup_linear import lookup_add_linear
 from ..schedules.lut_lookup_shuffle import CENTROIDS, lookup_add_shuffle, padded_rows
 from ..schedules.lut_lookup_shuffle import shuffle_lanes as target_lanes
@@ -55,12 +56,15 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight
 
 
-def shuffle_lanes(plan, cfg: LutConfig, target: tvm.target.Target) -> int | None:
-    """Rows per VPSHUFB if this layer should use the shuffle lookup-add on ``target``, else None."""
+def shuffle_lanes(plan, cfg: LutConfig, target: tvm.target.Target, rows: int | None = None) -> int | None:
+    """Rows per VPSHUFB if this layer should use the shuffle lookup-add on ``target``, else
+    None: K = 16, int8 tables, and ``cfg.kernel`` "shuffle", or "auto" with at least one
+    shuffle's worth of rows (``rows``, default the layer's M)."""
     lanes = target_lanes(target)
     if cfg.kernel == "generic" or lanes is None or plan.centroids != CENTROIDS or cfg.table_dtype != "int8":
         return None
-    return lanes if cfg.kernel == "shuffle" or num_rows(plan.candidate) >= lanes else None
+    rows = num_rows(plan.candidate) if rows is None else rows
+    return lanes if cfg.kernel == "shuffle" or rows >= lanes else None
 
 
 def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
@@ -69,7 +73,7 @@ def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFun
     c = plan.candidate
     m, d, n = num_rows(c), c.weight_shape[0], c.weight_shape[1]
     if plan.lanes:
-        return (encode_linear(m, d, plan.codebooks, plan.centroids, transposed_rows=padded_rows(m, plan.lanes)),
+        return (encode_rows(m, d, plan.codebooks, plan.centroids, plan.lanes),
                 lookup_add_shuffle(m, plan.codebooks, n, plan.lanes))
     return (encode_linear(m, d, plan.codebooks, plan.centroids),
             lookup_add_linear(m, plan.codebooks, plan.centroids, n, table_dtype))

@@ -24,6 +24,8 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
 
 from .lut_encode_linear import schedule_encode
+from .lut_encode_conv_rows import schedule_encode_conv_rows
+from .lut_encode_rows import schedule_encode_rows
 from .lut_lookup_linear import schedule_lookup_add
 from .lut_lookup_shuffle import schedule_lookup_add_shuffle
 
@@ -529,7 +531,8 @@ class LutKernels(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         lanes = cpu_knobs(target).lanes("float32")
-        for schedule in (schedule_lookup_add_shuffle, schedule_encode, schedule_lookup_add):
+        for schedule in (schedule_lookup_add_shuffle, schedule_encode_rows, schedule_encode_conv_rows, schedule_encode,
+                         schedule_lookup_add):
             sch = s_tir.Schedule(func)
             if schedule(sch, lanes, _MIN_PARALLEL_WORK):
                 return sch

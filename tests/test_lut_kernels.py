@@ -11,6 +11,7 @@ import tvm
 import tvm_ffi
 from tvm import relax, tirx
 
+from lut_cases import CONVS, MIN_EQUAL_CODES, assert_codes
 from lut_compiler.config import TuneConfig
 from lut_compiler.schedules.conv_patches import ConvGeometry, patches
 from lut_compiler.schedules.default_cpu import default_schedule, default_schedule_pass
@@ -22,20 +23,6 @@ from lut_compiler.target import resolve_target
 from lut_compiler.tuning import apply_database, tune
 
 TARGET = resolve_target("host")
-# A chosen code may miss the float64 nearest centroid by float32 rounding of the distances
-# only: relative to the magnitude of ||x||^2 + ||P_k||^2.
-DISTANCE_RTOL = 1e-5
-MIN_EQUAL_CODES = 0.99
-
-CONVS = {
-    # name: (input NCHW, out channels, kernel, stride, padding (t, l, b, r), dilation, group, K)
-    "3x3_pad1": ((2, 8, 9, 9), 12, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 16),
-    "3x3_stride2": ((1, 6, 11, 11), 10, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, 8),
-    "asymmetric_pad": ((1, 4, 7, 10), 5, (3, 3), (1, 1), (0, 1, 2, 0), (1, 1), 1, 16),
-    "dilation2": ((1, 5, 12, 9), 7, (3, 3), (1, 1), (2, 2, 2, 2), (2, 2), 1, 8),
-    "1x1_group4": ((2, 16, 6, 5), 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4, 16),
-    "nonsquare": ((1, 6, 8, 13), 9, (3, 2), (1, 2), (1, 0, 1, 1), (1, 1), 2, 8),
-}
 
 
 def _geometry(name: str) -> tuple[ConvGeometry, int]:
@@ -69,17 +56,6 @@ def _sq_norms(centroids: np.ndarray) -> np.ndarray:
     return np.square(centroids).sum(-1)
 
 
-def _assert_codes(codes: np.ndarray, sub: np.ndarray, centroids: np.ndarray, reference: np.ndarray) -> None:
-    """Every code is the nearest centroid up to float32 rounding (in float64 distances), and
-    nearly all equal the NumPy reference's (rounding may flip near-ties)."""
-    sub64, p64 = sub.astype("float64"), centroids.astype("float64")
-    distances = np.square(sub64[..., None, :] - p64).sum(-1)  # [..., C, K]
-    chosen = np.take_along_axis(distances, codes[..., None].astype(np.intp), -1)[..., 0]
-    scale = np.square(sub64).sum(-1) + np.square(p64).sum(-1).max(-1)
-    assert (chosen - distances.min(-1) <= DISTANCE_RTOL * (1 + scale)).all()
-    assert (codes == reference).mean() >= MIN_EQUAL_CODES
-
-
 # ---------------------------------------------------------------- encode
 
 
@@ -93,7 +69,7 @@ def test_encode_linear(rows, dim, codebooks, k):
     codes = _kernel(encode_linear(rows, dim, codebooks, k))(x, centroids, _sq_norms(centroids))
     assert codes.dtype == np.uint8 and codes.shape == (rows, codebooks)
     sub = x.reshape(rows, codebooks, -1)
-    _assert_codes(codes, sub, centroids, encode_linear_ref(x, centroids))
+    assert_codes(codes, sub, centroids, encode_linear_ref(x, centroids))
 
 
 def test_encode_ties_go_to_the_first_centroid():
@@ -119,7 +95,7 @@ def test_encode_conv(name):
     assert codes.shape == (geom.batch, geom.out_height, geom.out_width, geom.codebooks)
     fields = patches(x, geom)
     sub = fields.reshape(geom.batch, geom.out_height, geom.out_width, geom.codebooks, -1)
-    _assert_codes(codes, sub, centroids, encode_conv_ref(x, centroids, geom))
+    assert_codes(codes, sub, centroids, encode_conv_ref(x, centroids, geom))
     linear = _kernel(encode_linear(geom.rows, fields.shape[1], geom.codebooks, k))
     same = linear(fields, centroids, _sq_norms(centroids))
     np.testing.assert_array_equal(codes.reshape(geom.rows, -1), same)
