@@ -4,6 +4,11 @@ Same math as `lut_lookup_linear` with K = 16 centroids and int8 tables T [C, 16,
 
     Y[m, n] = float32(sum_c T[c, code[m, c], n]) * scale[n] + bias[n]          Y float32 [M, N]
 
+and a conv form (`images` = B) whose rows are the P = OH * OW output pixels of each of B
+images and whose output is NCHW (spatial dims flattened; the caller reshapes to [B, N, OH, OW]):
+
+    Y[b, n, p] = float32(sum_c T[c, code[b, p, c], n]) * scale[n] + bias[n]    Y float32 [B, N, P]
+
 MADDNESS / T-MAC style: the 16-entry table T[c, :, n] fits one 128-bit lane, so VPSHUFB looks
 it up for a whole vector of rows at once (32 rows per 2 shuffles with AVX2 ymm, 64 with
 AVX-512BW zmm: `lanes`), indexed by the codes of codebook c for those rows.
@@ -13,6 +18,9 @@ Layouts (made once: at compile time, or by the encoder):
   rounded up to `lanes` (`padded_rows`). Pad codes may be any byte (VPSHUFB reads only bits
   0-3 and 7 of an index byte; pad rows are computed and never stored);
   `lut_encode_linear.encode_linear(..., transposed_rows=rows_padded)` writes 0.
+  Conv form: codes_t uint8 [C, B * padded_rows(P, lanes)], each image's pixels padded
+  separately, image b's pixel p in column b * padded_rows(P, lanes) + p: no row vector holds
+  pixels of two images, so each vector's results go to one contiguous run of one output plane.
 - tables_l uint8 [N, C, lanes] (`shuffle_tables`): T[c, :, n] + 128 (0..255), repeated in every
   128-bit lane (N*C*lanes bytes: 2x the int8 tables with AVX2, 4x with AVX-512). Column-major
   ([N, C, ...]) so that the tables of a column tile are contiguous: with [C, N, lanes] the C
@@ -46,8 +54,13 @@ Loop nest (`apply_knobs`), after the index pass: parallel column tiles [x row ti
 tiles -> codebook blocks -> codebooks of the block (partly unrolled) -> column tile (unrolled)
 -> row vectors of the tile (unrolled) -> {2 shuffles, uint16 adds over `lanes` rows
 (vectorized)}; after each block the uint16 tile is added into an int32 tile, and after the
-last block the output tile is written: Y is row-major, so each row gets `col_tile` contiguous
-floats (gathered from the int32 tile, whose rows are contiguous).
+last block the output tile is written. Linear form: Y is row-major, so each row gets `col_tile`
+contiguous floats (gathered from the int32 tile, whose rows are contiguous). Conv form: the
+pixels of one output channel are contiguous in Y as in the int32 tile, so each (row vector,
+column) of the tile is `lanes` contiguous loads, converts, multiply-adds and stores (the last
+vector of an image: its P % lanes pixels; whole and partial vectors are two branches of the
+output block, each a vectorized loop). Row tiles only need to divide all images' row vectors:
+a tile may hold vectors of two images, each vector writes into its own image.
 """
 
 from __future__ import annotations
@@ -91,6 +104,17 @@ def padded_rows(rows: int, lanes: int) -> int:
     return -(-rows // lanes) * lanes
 
 
+def total_row_vectors(rows: int, lanes: int, images: int | None = None) -> int:
+    """Shuffle vectors of codes_t's columns: linear form (`images` None) rows padded to whole
+    vectors; conv form each image's `rows` pixels padded separately, `images` times."""
+    return (images or 1) * (padded_rows(rows, lanes) // lanes)
+
+
+def _check_images(images: int | None) -> None:
+    if images is not None and (isinstance(images, bool) or not isinstance(images, (int, np.integer)) or images < 1):
+        raise ValueError(f"images must be None (linear form) or an int >= 1 (conv form), got {images!r}")
+
+
 def _check_lanes(lanes: int) -> None:
     if lanes not in SHUFFLE_INTRINSIC:
         raise ValueError(f"lanes must be one of {sorted(SHUFFLE_INTRINSIC)}, got {lanes}")
@@ -105,29 +129,49 @@ def shuffle_tables(tables: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(biased, (1, 1, lanes // CENTROIDS)))
 
 
-def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx.PrimFunc:
-    """(codes_t uint8 [C, rows_padded], tables_l uint8 [N, C, lanes] from `shuffle_tables`,
-    scale f32 [N], bias f32 [N]) -> out f32 [rows, N]; rows_padded = `padded_rows(rows, lanes)`.
+def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> tirx.PrimFunc:
+    """Linear form (`images` None): (codes_t uint8 [C, rows_padded], tables_l uint8 [N, C, lanes]
+    from `shuffle_tables`, scale f32 [N], bias f32 [N]) -> out f32 [rows, N]; rows_padded =
+    `padded_rows(rows, lanes)`.
+
+    Conv form (`images` = B >= 1, `rows` = OH * OW pixels per image): codes_t uint8 [C, B *
+    rows_padded] (image b's pixel p in column b * rows_padded + p), same tables, scale and bias
+    -> out f32 [B, N, rows] (NCHW, spatial dims flattened).
 
     Blocks: "index" (uint16 codes | 0x8000), "lookup" (two shuffles: the uint16 lookups of
     one table for one vector of rows), "acc" (their int32 sums over codebooks; the schedule
-    sums blocks of codebooks in uint16 first), "out" (offset, float, scale, bias). The
-    workload has no vector constants: MetaSchedule's FLOP estimate fails on Broadcast.
+    sums blocks of codebooks in uint16 first), "out" (offset, float, scale, bias; in the conv
+    form one block per row vector and column, so that a row tile's outputs follow from its
+    accumulators, holding a vectorized loop over the vector's pixels). The workload has no
+    vector constants: MetaSchedule's FLOP estimate fails on Broadcast.
     """
     _check_lanes(lanes)
+    _check_images(images)
     if rows < 1 or codebooks < 1 or cols < 1:
         raise ValueError(f"need rows, codebooks and cols >= 1, got {rows}, {codebooks}, {cols}")
+    i64 = T.int64
+    conv = images is not None
+    per_image = padded_rows(rows, lanes) // lanes  # row vectors of one image (conv form)
+    full, tail = divmod(rows, lanes)  # whole row vectors and pixels of the last one, per image
+    out_shape = (i64(images), i64(cols), i64(rows)) if conv else (i64(rows), i64(cols))
     half = lanes // 2
-    row_vectors = padded_rows(rows, lanes) // lanes
+    row_vectors = total_row_vectors(rows, lanes, images)
     bytes_t, words_t = f"int8x{lanes}", f"uint16x{half}"
     intrinsic = SHUFFLE_INTRINSIC[lanes]
     offset = TABLE_OFFSET * codebooks
-    i64 = T.int64
 
     def shuffle(table: tirx.Expr, index: tirx.Expr) -> tirx.Expr:
         """VPSHUFB of `lanes` table bytes by `lanes / 2` index words -> `lanes / 2` uint16 lookups."""
         as_bytes = [tirx.reinterpret(bytes_t, v) for v in (table, index)]
         return tirx.reinterpret(words_t, tirx.call_llvm_pure_intrin(bytes_t, intrinsic, *as_bytes))
+
+    @T.macro(hygienic=False)
+    def store_pixels(vr, vn, vv, first, count):
+        """Conv form: `count` pixels of row vector vr, column vn, from pixel `first` of its image."""
+        for i in T.vectorized(i64(count)):
+            out[vr // per_image, vn, first + i] = (
+                T.Cast("float32", acc[vr, vn, vv * lanes + i] - offset) * scale[vn] + bias[vn]
+            )
 
     @T.prim_func(s_tir=True)
     def main(
@@ -135,7 +179,7 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx
         tables_l: T.Buffer((i64(cols), i64(codebooks), i64(lanes)), "uint8"),
         scale: T.Buffer((i64(cols),), "float32"),
         bias: T.Buffer((i64(cols),), "float32"),
-        out: T.Buffer((i64(rows), i64(cols)), "float32"),
+        out: T.Buffer(out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
         index = T.sblock_alloc_buffer((i64(codebooks), i64(row_vectors * lanes)), "uint16")
@@ -167,23 +211,54 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int) -> tirx
                 with T.init():
                     acc[vr, vn, vi] = 0
                 acc[vr, vn, vi] = acc[vr, vn, vi] + T.Cast("int32", lookups[vr, vn, vc * lanes + vi])
-        for m, n in T.grid(i64(rows), i64(cols)):
-            with T.sblock("out"):
-                vm, vn = T.axis.remap("SS", [m, n])
-                T.sblock_attr({"schedule_rule": "None"})
-                out[vm, vn] = T.Cast("float32", acc[vm // lanes, vn, vm % lanes] - offset) * scale[vn] + bias[vn]
+        if not conv:
+            for m, n in T.grid(i64(rows), i64(cols)):
+                with T.sblock("out"):
+                    vm, vn = T.axis.remap("SS", [m, n])
+                    T.sblock_attr({"schedule_rule": "None"})
+                    out[vm, vn] = T.Cast("float32", acc[vm // lanes, vn, vm % lanes] - offset) * scale[vn] + bias[vn]
+        # Conv: row vector r is vector r % per_image of image r // per_image. One block per
+        # (row vector, column) writes its pixels in one vectorized loop: all `lanes` of them, or
+        # the `tail` of an image's last vector (a predicate on the lane would scalarize the
+        # stores). The unit block var v: reverse_compute_at needs every dimension of a read
+        # region to start at a block var.
+        if conv:
+            for r, n, v in T.grid(i64(row_vectors), i64(cols), i64(1)):
+                with T.sblock("out"):
+                    vr, vn, vv = T.axis.remap("SSS", [r, n, v])
+                    T.reads(acc[vr, vn, vv * lanes : vv * lanes + lanes], scale[vn], bias[vn])
+                    T.writes(
+                        out[vr // per_image, vn, vr % per_image * lanes : T.min(vr % per_image * lanes + lanes, rows)]
+                    )
+                    T.sblock_attr({"schedule_rule": "None"})
+                    if full == per_image:  # whole vectors only
+                        store_pixels(vr, vn, vv, vr % per_image * lanes, lanes)
+                    elif full == 0:  # one partial vector per image
+                        store_pixels(vr, vn, vv, 0, tail)
+                    elif vr % per_image < full:
+                        store_pixels(vr, vn, vv, vr % per_image * lanes, lanes)
+                    else:
+                        store_pixels(vr, vn, vv, full * lanes, tail)
 
     return main
 
 
 def lookup_add_shuffle_ref(
-    codes_t: np.ndarray, tables: np.ndarray, scale: np.ndarray, bias: np.ndarray, rows: int
+    codes_t: np.ndarray, tables: np.ndarray, scale: np.ndarray, bias: np.ndarray, rows: int,
+    images: int | None = None,
 ) -> np.ndarray:
     """NumPy: codes_t uint8 [C, >= rows], int8 tables [C, 16, N] (not laid out) -> float32
-    [rows, N]; the integer sums are exact (int32), then float32(sum) * scale + bias."""
+    [rows, N]; the integer sums are exact (int32), then float32(sum) * scale + bias.
+    Conv form (`images` = B): codes_t [C, B * rows_padded] (any rows_padded >= rows) ->
+    float32 [B, N, rows]."""
     codebooks = tables.shape[0]
-    gathered = tables[np.arange(codebooks)[:, None], codes_t[:, :rows].astype(np.intp)]  # [C, rows, N]
-    return gathered.sum(0, dtype=np.int32).astype(np.float32) * scale + bias
+    if images is None:
+        codes = codes_t[:, :rows]
+    else:
+        codes = codes_t.reshape(codebooks, images, -1)[:, :, :rows].reshape(codebooks, images * rows)
+    gathered = tables[np.arange(codebooks)[:, None], codes.astype(np.intp)]  # [C, rows (x B), N]
+    out = gathered.sum(0, dtype=np.int32).astype(np.float32) * scale + bias
+    return out if images is None else np.ascontiguousarray(out.reshape(images, rows, -1).transpose(0, 2, 1))
 
 
 # ---------------------------------------------------------------- knobs
@@ -225,9 +300,10 @@ class ShuffleKnobs:
     unroll: int
     parallel: str
 
-    def check(self, rows: int, codebooks: int, cols: int, lanes: int) -> str | None:
-        """Why these knobs are illegal for the shape (None if legal)."""
-        space = knob_space(rows, codebooks, cols, lanes)
+    def check(self, rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> str | None:
+        """Why these knobs are illegal for the shape (None if legal); `images` as in
+        `lookup_add_shuffle`."""
+        space = knob_space(rows, codebooks, cols, lanes, images)
         allowed = {
             "row_vectors": space.row_vectors,
             "col_tile": space.col_tiles.get(self.row_vectors, ()),
@@ -260,26 +336,30 @@ class KnobSpace:
         ]
 
 
-def knob_space(rows: int, codebooks: int, cols: int, lanes: int) -> KnobSpace:
-    """Legality filters: row tiles divide the padded rows (1 or 2 vectors), column tiles
-    divide N and fit the register budget (`max_col_tile`), codebook blocks are <= MAX_BLOCK
-    (uint16 sums exact), unroll in {1, 2, 4}; serial only below SERIAL_LOOKUPS lookups."""
+def knob_space(rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> KnobSpace:
+    """Legality filters: row tiles divide the row vectors (1 or 2 vectors; conv form: all
+    images' vectors, `total_row_vectors`; a tile may span two images, each vector belongs to
+    one), column tiles divide N and fit the register budget (`max_col_tile`), codebook blocks
+    are <= MAX_BLOCK (uint16 sums exact), unroll in {1, 2, 4}; serial only below
+    SERIAL_LOOKUPS lookups."""
     _check_lanes(lanes)
-    row_vectors = padded_rows(rows, lanes) // lanes
+    _check_images(images)
+    row_vectors = total_row_vectors(rows, lanes, images)
     rvs = tuple(r for r in (1, 2) if row_vectors % r == 0)
     col_tiles = {r: tuple(t for t in range(1, max_col_tile(lanes, r) + 1) if cols % t == 0) for r in rvs}
     blocks = tuple(b for b in block_candidates(codebooks) if 1 <= b <= MAX_BLOCK)
-    parallels = ("cols", "rows_cols") + (("none",) if rows * codebooks * cols < SERIAL_LOOKUPS else ())
+    lookups = (images or 1) * rows * codebooks * cols
+    parallels = ("cols", "rows_cols") + (("none",) if lookups < SERIAL_LOOKUPS else ())
     return KnobSpace(rvs, col_tiles, blocks, (1, 2, 4), parallels)
 
 
-def default_knobs(rows: int, codebooks: int, cols: int, lanes: int) -> ShuffleKnobs:
+def default_knobs(rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> ShuffleKnobs:
     """One row vector, the widest column tile up to 4 (AVX2) or 8 (AVX-512), the fewest
     blocks, 2 codebooks per unrolled iteration; serial below MIN_PARALLEL_LOOKUPS lookups,
     else column tiles in parallel when there are at least 8 of them (else row tiles too)."""
-    space = knob_space(rows, codebooks, cols, lanes)
+    space = knob_space(rows, codebooks, cols, lanes, images)
     col_tile = max(t for t in space.col_tiles[1] if t <= lanes // 8)
-    if rows * codebooks * cols < MIN_PARALLEL_LOOKUPS:
+    if (images or 1) * rows * codebooks * cols < MIN_PARALLEL_LOOKUPS:
         parallel = "none"
     else:
         parallel = "cols" if cols // col_tile >= 8 else "rows_cols"
@@ -293,7 +373,8 @@ KNOB_ANNOTATION = "lut_shuffle."  # + knob name: the knobs of a scheduled kernel
 
 @dataclass(frozen=True)
 class _Kernel:
-    """The blocks and shape of a `lookup_add_shuffle` kernel inside a schedule."""
+    """The blocks and shape of a `lookup_add_shuffle` kernel inside a schedule (`images`
+    None for the linear form)."""
 
     acc: SBlockRV
     lookup: SBlockRV
@@ -303,21 +384,29 @@ class _Kernel:
     codebooks: int
     cols: int
     lanes: int
+    images: int | None
+
+    @property
+    def shape(self) -> tuple:
+        """The arguments of `knob_space`, `default_knobs` and `ShuffleKnobs.check`."""
+        return self.rows, self.codebooks, self.cols, self.lanes, self.images
 
 
 def _kernel(sch: s_tir.Schedule, acc: SBlockRV) -> _Kernel | None:
-    """The kernel around its reduction block `acc`, shape read from the buffers."""
+    """The kernel around its reduction block `acc`, shape read from the buffers: out [rows, N]
+    (linear form) or [B, N, rows] (conv form)."""
     producers, consumers = sch.get_producers(acc), sch.get_consumers(acc)
     if len(producers) != 1 or len(consumers) != 1:
         return None
     lookup, out = producers[0], consumers[0]
     index = sch.get_producers(lookup)
     reads = sch.get(lookup).reads
-    output = sch.get(out).writes[0].source
-    if len(index) != 1 or len(reads) != 2 or len(reads[1].source.shape) != 3 or len(output.shape) != 2:
+    output = [int(d) for d in sch.get(out).writes[0].source.shape]
+    if len(index) != 1 or len(reads) != 2 or len(reads[1].source.shape) != 3 or len(output) not in (2, 3):
         return None
     cols, codebooks, lanes = (int(d) for d in reads[1].source.shape)
-    return _Kernel(acc, lookup, index[0], out, int(output.shape[0]), codebooks, cols, lanes)
+    rows, images = (output[0], None) if len(output) == 2 else (output[2], output[0])
+    return _Kernel(acc, lookup, index[0], out, rows, codebooks, cols, lanes, images)
 
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
@@ -339,7 +428,7 @@ def apply_knobs(sch: s_tir.Schedule, knobs: ShuffleKnobs) -> None:
     kernel = find_kernel(sch)
     if kernel is None:
         raise ValueError("no unscheduled lookup_add_shuffle kernel in this schedule")
-    reason = knobs.check(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes)
+    reason = knobs.check(*kernel.shape)
     if reason is not None:
         raise ValueError(f"illegal knobs {knobs}: {reason}")
     _schedule(sch, kernel, knobs.row_vectors, [None, knobs.col_tile], knobs.block, knobs.unroll, knobs.parallel)
@@ -412,13 +501,23 @@ def _schedule(
 
 
 def _schedule_epilogue(sch: s_tir.Schedule, kernel: _Kernel) -> None:
-    """Output tile: each row gets col_tile contiguous floats (vectorized: a strided gather from
+    """Linear form: each row gets col_tile contiguous floats (vectorized: a strided gather from
     the int32 tile), 8 rows unrolled. Measured no faster: unrolling all rows (and columns);
-    a float tile vectorized over rows and then transposed by LLVM's shuffles."""
-    _, _, m, n = sch.get_loops(kernel.out)  # under n_o, r_o
-    m_i = sch.split(m, [None, 8])[1]
-    sch.unroll(m_i)
-    sch.vectorize(n)
+    a float tile vectorized over rows and then transposed by LLVM's shuffles.
+
+    Conv form: the int32 tile's rows are contiguous in the output too, so each (row vector,
+    column) is one contiguous load, convert, multiply-add and store of `lanes` floats (the
+    partial last vector of an image: `rows % lanes` floats), the loop over the pixels is
+    vectorized in the workload already; row vectors and columns of the tile unrolled."""
+    if kernel.images is None:
+        _, _, m, n = sch.get_loops(kernel.out)  # under n_o, r_o
+        m_i = sch.split(m, [None, 8])[1]
+        sch.unroll(m_i)
+        sch.vectorize(n)
+        return
+    _, _, r, n, _ = sch.get_loops(kernel.out)  # under n_o, r_o; the unit loop of v
+    sch.unroll(r)
+    sch.unroll(n)
 
 
 # ---------------------------------------------------------------- default and tuned schedules
@@ -431,7 +530,7 @@ def schedule_lookup_add_shuffle(sch: s_tir.Schedule, _lanes: int = 0, _min_paral
     kernel = find_kernel(sch)
     if kernel is None:
         return False
-    apply_knobs(sch, default_knobs(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes))
+    apply_knobs(sch, default_knobs(*kernel.shape))
     return True
 
 
@@ -447,7 +546,7 @@ def shuffle_design_space(sch: s_tir.Schedule, block: SBlockRV) -> list[s_tir.Sch
     kernel = _kernel(sch, block)
     if kernel is None:
         return [sch]
-    space = knob_space(kernel.rows, kernel.codebooks, kernel.cols, kernel.lanes)
+    space = knob_space(*kernel.shape)
     spaces = []
     for row_vectors, parallel in itertools.product(space.row_vectors, space.parallels):
         new = sch.copy()
