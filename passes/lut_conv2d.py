@@ -16,8 +16,11 @@ from tvm import relax
 from ..config import LutConfig
 from ..schedules.conv_patches import ConvGeometry, patches
 from ..schedules.lut_encode_conv import encode_conv
+from ..schedules.lut_encode_conv_rows import encode_conv_rows, image_rows
 from ..schedules.lut_lookup_conv import lookup_add_conv
+from ..schedules.lut_lookup_shuffle import lookup_add_shuffle
 from .find_candidates import Candidate
+from .lut_matmul import shuffle_lanes as matmul_shuffle_lanes
 from .lut_rewrite import add_kernel
 
 
@@ -70,14 +73,21 @@ def weight_matrix(c: Candidate) -> np.ndarray:
     return c.weight.reshape(c.weight.shape[0], -1).T
 
 
-def shuffle_lanes(plan, cfg: LutConfig, target) -> None:
-    """Convolutions use the generic lookup-add (no shuffle kernel for them yet)."""
-    return None
+def shuffle_lanes(plan, cfg: LutConfig, target: tvm.target.Target) -> int | None:
+    """Pixels per VPSHUFB if this layer should use the shuffle lookup-add on ``target``
+    (the rule of ``lut_matmul.shuffle_lanes``, counting the output pixels of one image)."""
+    _, _, oh, ow = plan.candidate.output_shape
+    return matmul_shuffle_lanes(plan, cfg, target, oh * ow)
 
 
 def kernels(plan, table_dtype: str) -> tuple[tvm.tirx.PrimFunc, tvm.tirx.PrimFunc]:
-    """(encode, lookup-add) PrimFuncs of a planned layer."""
+    """(encode, lookup-add) PrimFuncs of a planned layer: codes [B, OH, OW, C] for the generic
+    lookup-add; transposed, padded per image [C, B * HWp] for the shuffle one (NCHW output)."""
     geom = geometry(plan.candidate, plan.subspace_len)
+    if plan.lanes:
+        pixels = geom.out_height * geom.out_width
+        return (encode_conv_rows(geom, plan.centroids, plan.lanes),
+                lookup_add_shuffle(pixels, plan.codebooks, geom.out_channels, plan.lanes, images=geom.batch))
     return encode_conv(geom, plan.centroids), lookup_add_conv(geom, plan.centroids, table_dtype)
 
 
@@ -85,7 +95,13 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     """Encode + lookup-add calls for x; returns the unbound NCHW result."""
     b, o, oh, ow = plan.candidate.output_shape
     encode, lookup = kernels(plan, consts.table_dtype)
+    if plan.lanes:
+        codes_shape = (plan.codebooks, b * image_rows(geometry(plan.candidate, plan.subspace_len), plan.lanes))
+    else:
+        codes_shape = (b, oh, ow, plan.codebooks)
     codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode_conv"), [x, consts.centroids, consts.sq_norms],
-                                   relax.TensorType((b, oh, ow, plan.codebooks), "uint8")), "lut_codes")
-    return relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add_conv"), [codes, consts.tables, consts.scale, consts.bias],
-                          relax.TensorType((b, o, oh, ow), "float32"))
+                                   relax.TensorType(codes_shape, "uint8")), "lut_codes")
+    out_shape = (b, o, oh * ow) if plan.lanes else (b, o, oh, ow)
+    y = relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add_conv"), [codes, consts.tables, consts.scale, consts.bias],
+                       relax.TensorType(out_shape, "float32"))
+    return relax.op.reshape(bb.emit(y), (b, o, oh, ow)) if plan.lanes else y

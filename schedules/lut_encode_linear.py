@@ -75,20 +75,12 @@ def nearest_codes(dot: te.Tensor, centroid_sq_norms: te.Tensor) -> te.Tensor:
     return te.compute(dot.shape[:-1], lambda *i: index[i].astype("uint8"), name="codes")
 
 
-def encode_linear(
-    rows: int, dim: int, codebooks: int, centroids: int, transposed_rows: int | None = None
-) -> tirx.PrimFunc:
+def encode_linear(rows: int, dim: int, codebooks: int, centroids: int) -> tirx.PrimFunc:
     """(x f32 [rows, dim], centroids f32 [C, K, V], centroid_sq_norms f32 [C, K])
-    -> codes uint8 [rows, C], V = dim / C.
-
-    With `transposed_rows` (>= rows): codes_t uint8 [C, transposed_rows] instead, rows
-    contiguous and 0 in the pad rows (the layout `lut_lookup_shuffle` reads).
-    """
+    -> codes uint8 [rows, C], V = dim / C."""
     check_centroids(codebooks, centroids)
     if dim % codebooks:
         raise ValueError(f"{codebooks} codebooks do not divide dim {dim}")
-    if transposed_rows is not None and transposed_rows < rows:
-        raise ValueError(f"transposed_rows {transposed_rows} < rows {rows}")
     v_len = dim // codebooks
     x = te.placeholder(i64(rows, dim), "float32", "x")
     p = te.placeholder(i64(codebooks, centroids, v_len), "float32", "centroids")
@@ -100,12 +92,6 @@ def encode_linear(
         name="dot",
     )
     codes = nearest_codes(dot, pn)
-    if transposed_rows is not None:
-        codes = te.compute(
-            i64(codebooks, transposed_rows),
-            lambda c, m: tirx.if_then_else(m < rows, codes[tirx.min(m, rows - 1), c], tirx.const(0, "uint8")),
-            name="codes_t",
-        )
     return te.create_prim_func([x, p, pn, codes])
 
 
@@ -116,16 +102,10 @@ def nearest_codes_ref(sub: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return scores.argmin(-1).astype("uint8")
 
 
-def encode_linear_ref(x: np.ndarray, centroids: np.ndarray, transposed_rows: int | None = None) -> np.ndarray:
-    """NumPy encode: x float32 [M, D], centroids [C, K, V] -> codes uint8 [M, C]; with
-    `transposed_rows`, codes_t uint8 [C, transposed_rows] (zero pad rows)."""
+def encode_linear_ref(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """NumPy encode: x float32 [M, D], centroids [C, K, V] -> codes uint8 [M, C]."""
     c, _, v = centroids.shape
-    codes = nearest_codes_ref(x.reshape(len(x), c, v), centroids)
-    if transposed_rows is None:
-        return codes
-    codes_t = np.zeros((c, transposed_rows), np.uint8)
-    codes_t[:, : len(x)] = codes.T
-    return codes_t
+    return nearest_codes_ref(x.reshape(len(x), c, v), centroids)
 
 
 def schedule_encode(sch: s_tir.Schedule, lanes: int, min_parallel_work: int) -> bool:
@@ -133,8 +113,8 @@ def schedule_encode(sch: s_tir.Schedule, lanes: int, min_parallel_work: int) -> 
     False if `sch` holds something else (then discard `sch`).
 
     Per row (parallel): the dot products for all (c, k), vectorized over k (the centroids
-    read from a copy with k innermost); then the argmin over k per codebook; then the codes.
-    Transposed codes (`encode_linear(..., transposed_rows=...)`) are written after all rows.
+    read from a copy with k innermost); then the argmin over k per codebook; then the codes
+    (after all rows if a fused consumer is not elementwise).
     """
     blocks = normalize_prim_func(sch)
     if not blocks or len(blocks) < 3 or not all(b.is_injective() for b in blocks[2:]):
@@ -158,7 +138,6 @@ def schedule_encode(sch: s_tir.Schedule, lanes: int, min_parallel_work: int) -> 
         sch.parallel(row)
     if blocks[-1].is_elementwise(sch):
         sch.reverse_compute_at(blocks[-1].block_rv, row)
-    # else codes_t [C, rows_padded] (a transpose, C * rows_padded bytes): after all rows
     sch.compute_at(dot.block_rv, row)
     loops = sch.get_loops(dot.block_rv)
     reduction = loops[len(loops) - (len(dot.iters) - len(spatial)) :]

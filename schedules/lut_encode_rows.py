@@ -107,7 +107,9 @@ def encode_rows(rows: int, dim: int, codebooks: int, centroids: int, shuffle_lan
 
 def encode_rows_ref(x: np.ndarray, centroids: np.ndarray, rows_padded: int) -> np.ndarray:
     """NumPy: x float32 [M, D], centroids [C, K, V] -> codes_t uint8 [C, rows_padded] (pad rows 0)."""
-    return encode_linear_ref(x, centroids, transposed_rows=rows_padded)
+    codes_t = np.zeros((len(centroids), rows_padded), np.uint8)
+    codes_t[:, : len(x)] = encode_linear_ref(x, centroids).T
+    return codes_t
 
 
 # ---------------------------------------------------------------- knobs

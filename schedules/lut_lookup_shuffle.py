@@ -17,8 +17,8 @@ Layouts (made once: at compile time, or by the encoder):
 - codes_t uint8 [C, rows_padded]: codes transposed (rows contiguous), rows_padded = rows
   rounded up to `lanes` (`padded_rows`). Pad codes may be any byte (VPSHUFB reads only bits
   0-3 and 7 of an index byte; pad rows are computed and never stored);
-  `lut_encode_linear.encode_linear(..., transposed_rows=rows_padded)` writes 0.
-  Conv form: codes_t uint8 [C, B * padded_rows(P, lanes)], each image's pixels padded
+  `lut_encode_rows.encode_rows` writes this layout (0 in pad rows).
+  Conv form (written by `lut_encode_conv_rows.encode_conv_rows`): codes_t uint8 [C, B * padded_rows(P, lanes)], each image's pixels padded
   separately, image b's pixel p in column b * padded_rows(P, lanes) + p: no row vector holds
   pixels of two images, so each vector's results go to one contiguous run of one output plane.
 - tables_l uint8 [N, C, lanes] (`shuffle_tables`): T[c, :, n] + 128 (0..255), repeated in every

@@ -265,3 +265,21 @@ def test_shuffle_kernel_matches_generic(tmp_path, rows):
     for feeds in samples[:2]:
         np.testing.assert_allclose(models["shuffle"].run(feeds)["out"], models["generic"].run(feeds)["out"],
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 9, 9), (1, 3, 12, 10)])
+def test_shuffle_conv_matches_generic(tmp_path, shape):
+    """Convs (3x3 padded, strided, 1x1) as the row-vectorized conv encoder + NCHW shuffle
+    lookup-add (pixels padded per image) compute what the generic kernels do."""
+    torch.manual_seed(7)
+    path = export(CNN(), torch.randn(1, 3, 6, 6), tmp_path / "cnn.onnx", "x", {0: "batch", 2: "h", 3: "w"})
+    samples = [{"x": np.random.default_rng(i).standard_normal(shape).astype(np.float32)} for i in range(4)]
+    cfg = {k: LutConfig(kernel=k, holdout=0.0, layers="/(stem|block|down|proj)") for k in ("shuffle", "generic")}
+    models = {k: _compile_lut(path, shape, samples, c) for k, c in cfg.items()}
+    imported = import_onnx(path, {"x": shape})
+    mod, _ = apply_lut(imported, cfg["shuffle"], samples, resolve_target("host"), progress=False)
+    lookups = [f for gv, f in mod.functions_items() if "lookup_add" in gv.name_hint]
+    assert len(lookups) == 4 and all("pshuf" in f.script() for f in lookups)  # the block's two convs share one
+    for feeds in samples[:2]:
+        np.testing.assert_allclose(models["shuffle"].run(feeds)["out"], models["generic"].run(feeds)["out"],
+                                   rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from lut_compiler.config import TuneConfig
 from lut_compiler.schedules.default_cpu import default_schedule, default_schedule_pass
-from lut_compiler.schedules.lut_encode_linear import encode_linear, encode_linear_ref, schedule_encode
+from lut_compiler.schedules.lut_encode_rows import encode_rows, encode_rows_ref
 from lut_compiler.schedules.lut_lookup_shuffle import (
     MAX_BLOCK,
     ShuffleKnobs,
@@ -43,8 +43,6 @@ ZNVER4 = resolve_target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": 
 needs_avx2 = pytest.mark.skipif(LANES is None, reason="the host has no AVX2: shuffle kernels cannot run here")
 # Encoder codes: optimal up to float32 rounding of the distances, nearly all equal the reference
 # (as in test_lut_kernels.py).
-DISTANCE_RTOL = 1e-5
-MIN_EQUAL_CODES = 0.99
 
 
 def _rng(*key) -> np.random.Generator:
@@ -411,50 +409,11 @@ def test_conv_design_space_samples_legal_knobs():
         np.testing.assert_array_equal(out, expected, err_msg=str(k))
 
 
-# ---------------------------------------------------------------- transposed encoder
-
-
-def _assert_codes(codes: np.ndarray, sub: np.ndarray, centroids: np.ndarray, reference: np.ndarray) -> None:
-    """Every code is the nearest centroid up to float32 rounding, nearly all equal the reference."""
-    sub64, p64 = sub.astype("float64"), centroids.astype("float64")
-    distances = np.square(sub64[..., None, :] - p64).sum(-1)  # [M, C, K]
-    chosen = np.take_along_axis(distances, codes[..., None].astype(np.intp), -1)[..., 0]
-    scale = np.square(sub64).sum(-1) + np.square(p64).sum(-1).max(-1)
-    assert (chosen - distances.min(-1) <= DISTANCE_RTOL * (1 + scale)).all()
-    assert (codes == reference).mean() >= MIN_EQUAL_CODES
-
-
-@pytest.mark.parametrize(
-    "rows,dim,codebooks,k,padded", [(128, 384, 96, 16, 128), (100, 64, 16, 16, 128), (7, 36, 9, 16, 64)]
-)
-def test_transposed_encode(rows, dim, codebooks, k, padded):
-    rng = _rng("encode_t", rows, dim, codebooks)
-    x = rng.standard_normal((rows, dim)).astype("float32")
-    centroids = rng.standard_normal((codebooks, k, dim // codebooks)).astype("float32")
-    func = encode_linear(rows, dim, codebooks, k, transposed_rows=padded)
-    assert schedule_encode(s_tir.Schedule(func), 8, 1 << 16)  # the default rule handles the variant
-    lib = _compile({"main": default_schedule(func, TARGET).mod["main"]})
-    codes_t = tvm.runtime.empty((codebooks, padded), "uint8")
-    norms = np.square(centroids).sum(-1)
-    lib["main"](*[tvm.runtime.tensor(a) for a in (x, centroids, norms)], codes_t)
-    codes_t = codes_t.numpy()
-    reference = encode_linear_ref(x, centroids, transposed_rows=padded)
-    assert reference.shape == (codebooks, padded) and not reference[:, rows:].any()
-    assert not codes_t[:, rows:].any()  # zero pad rows
-    _assert_codes(codes_t[:, :rows].T, x.reshape(rows, codebooks, -1), centroids, reference[:, :rows].T)
-    np.testing.assert_array_equal(reference[:, :rows].T, encode_linear_ref(x, centroids))
-
-
-def test_transposed_encode_rejects_too_few_rows():
-    with pytest.raises(ValueError, match="transposed_rows 4 < rows 7"):
-        encode_linear(7, 36, 9, 16, transposed_rows=4)
-
-
 # ---------------------------------------------------------------- in a Relax module, tuned
 
 
 def _shuffle_module(rows: int, dim: int, codebooks: int, cols: int, rng):
-    """main(x) = lookup_add_shuffle(encode_linear_t(x)) with unit scale and zero bias (so the
+    """main(x) = lookup_add_shuffle(encode_rows(x)) with unit scale and zero bias (so the
     outputs are the integer sums, exactly)."""
     padded = padded_rows(rows, LANES)
     centroids = rng.standard_normal((codebooks, 16, dim // codebooks)).astype("float32")
@@ -463,7 +422,7 @@ def _shuffle_module(rows: int, dim: int, codebooks: int, cols: int, rng):
     x = relax.Var("x", relax.TensorType((rows, dim), "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            encode = encode_linear(rows, dim, codebooks, 16, padded).without_attr("global_symbol")
+            encode = encode_rows(rows, dim, codebooks, 16, LANES).without_attr("global_symbol")
             lookup = lookup_add_shuffle(rows, codebooks, cols, LANES).without_attr("global_symbol")
             enc, look = bb.add_func(encode, "lut_encode_t"), bb.add_func(lookup, "lut_shuffle")
             args = [x, relax.const(centroids), relax.const(np.square(centroids).sum(-1))]
@@ -490,7 +449,7 @@ def test_untuned_module_is_exact():
     rows, dim, codebooks, cols = 70, 64, 16, 24
     mod, centroids, tables = _shuffle_module(rows, dim, codebooks, cols, rng)
     x = rng.standard_normal((rows, dim)).astype("float32")
-    codes_t = encode_linear_ref(x, centroids, padded_rows(rows, LANES))
+    codes_t = encode_rows_ref(x, centroids, padded_rows(rows, LANES))
     np.testing.assert_array_equal(_run_module(mod, x), _sums(codes_t, tables, rows))
 
 
@@ -523,7 +482,7 @@ def test_metaschedule_samples_the_knobs(tmp_path):
     tuned = apply_database(mod, TARGET, str(tmp_path))
     assert scheduled_knobs(tuned["lut_shuffle"]) is not None
     x = rng.standard_normal((rows, dim)).astype("float32")
-    codes_t = encode_linear_ref(x, centroids, padded_rows(rows, LANES))
+    codes_t = encode_rows_ref(x, centroids, padded_rows(rows, LANES))
     np.testing.assert_array_equal(_run_module(tuned, x), _sums(codes_t, tables, rows))
 
 
