@@ -1,10 +1,12 @@
-"""Accuracy of the lookup-add rewrite (k-means codebooks) on the bundled real models.
+"""Accuracy of the lookup-add rewrite on the bundled real models: k-means codebooks, and
+with --learn also learned ones (distillation from the fp32 model, LUT-NN).
 
-    python -m lut_compiler.bench.lut_accuracy [--out bench/results]
+    python -m lut_compiler.bench.lut_accuracy [--learn] [--learn-minutes 10] [--out bench/results]
 
 For each model and layer selection: layers and share of matmul/conv FLOPs replaced,
 held-out accuracy of fp32 vs lookup-add (digits) or cosine of sentence embeddings
-(MiniLM), output SQNR, and the time the calibration + k-means phase took. Writes
+(MiniLM), output SQNR, and the time the lookup-add phase took (calibration + k-means
+[+ learning]). The held-out samples are never seen by k-means or learning. Writes
 ``lut_accuracy.json`` and ``lut_accuracy.md``.
 """
 
@@ -35,17 +37,17 @@ def _data(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, count: int, table_dtype: str) -> dict:
+def measure(model: str, layers: str, count: int, table_dtype: str, learn: lut_compiler.LearnConfig | None) -> dict:
     feeds, labels = _data(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
-    config = lut_compiler.CompileConfig(input_shapes=shapes,
-                                        lut=lut_compiler.LutConfig(layers=layers, table_dtype=table_dtype))
+    lut = lut_compiler.LutConfig(layers=layers, table_dtype=table_dtype, learn=learn)
+    config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)
     start = time.perf_counter()
     compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": layers, "table_dtype": table_dtype,
+        "model": model, "layers": layers, "table_dtype": table_dtype, "codebooks": "learned" if learn else "k-means",
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
@@ -57,12 +59,14 @@ def measure(model: str, layers: str, count: int, table_dtype: str) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | layers | replaced | FLOPs replaced | held-out | fp32 acc | LUT acc | top-1 agree | cosine | SQNR dB | calib + k-means s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | layers | codebooks | replaced | FLOPs replaced | held-out | fp32 acc | LUT acc | top-1 agree | "
+             "cosine | SQNR dB | LUT phase s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = (f"{r['fp32_accuracy']:.1%}", f"{r['lut_accuracy']:.1%}") if "lut_accuracy" in r else ("-", "-")
         agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['layers']} | {r['replaced']}/{r['layers_total']} | {r['flops_replaced']:.0%} | "
+        lines.append(f"| {r['model']} | {r['layers']} | {r.get('codebooks', 'k-means')} | {r['replaced']}/{r['layers_total']} | "
+                     f"{r['flops_replaced']:.0%} | "
                      f"{r['held_out_samples']} | {acc[0]} | {acc[1]} | {agree} | {r['cosine']:.4f} | {r['sqnr_db']:.1f} | "
                      f"{r['lut_seconds']:.0f} |")
     return "\n".join(lines)
@@ -73,13 +77,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="bench/results", help="directory for lut_accuracy.{json,md}")
     parser.add_argument("--models", nargs="+", default=list(GRID), choices=list(GRID))
     parser.add_argument("--tables", default="int8", choices=["int8", "float32"])
+    parser.add_argument("--learn", action="store_true", help="also learn the centroids (a second row per selection)")
+    parser.add_argument("--learn-minutes", type=float, default=10.0, help="learning budget per selection")
+    parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
     args = parser.parse_args(argv)
+    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes)] if args.learn else [])
     rows = []
     for model in args.models:
         selections, count = GRID[model]
-        for layers in selections:
-            rows.append(measure(model, layers, count, args.tables))
-            print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+        for layers in args.layers or selections:
+            for learn in variants:
+                rows.append(measure(model, layers, count, args.tables, learn))
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lut_accuracy.json").write_text(json.dumps(rows, indent=1))

@@ -66,6 +66,13 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
         g.add_argument("--labels", metavar="LABELS.npy", help="integer labels per output row, for task accuracy")
         g.add_argument("--lut-task", choices=["auto", "classification", "embedding"], default="auto",
                        help="report top-1 agreement of logits (classification; auto: when --labels is given)")
+        g.add_argument("--lut-learn", action="store_true",
+                       help="learn the centroids by distillation from the fp32 model (LUT-NN) after k-means")
+        g.add_argument("--lut-learn-epochs", type=int, default=30, metavar="N", help="learning epochs (default 30)")
+        g.add_argument("--lut-learn-minutes", type=float, default=10.0, metavar="M",
+                       help="learning time budget (default 10)")
+        g.add_argument("--lut-learn-checkpoint", metavar="FILE", help="save learning state here after each epoch, "
+                       "and resume from it")
     g.add_argument("--lut-layers", default="all", metavar="all|last:N|REGEX", help="which eligible layers to replace")
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
@@ -77,12 +84,16 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
 
 
 def _lut_config(args):
-    from .config import LutConfig
+    from .config import LearnConfig, LutConfig
 
     try:
+        learn = None
+        if getattr(args, "lut_learn", False):
+            learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
+                                checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
-                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel)
+                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn)
     except ValueError as err:
         raise _usage(str(err)) from None
 

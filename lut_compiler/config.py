@@ -40,6 +40,32 @@ class LayerOverride:
 
 
 @dataclass
+class LearnConfig:
+    """Centroid learning (LUT-NN): the replaced layers become differentiable PQ layers in a
+    torch view of the model, distilled from the fp32 model on the calibration samples.
+
+    epochs: passes over the training samples (stops earlier at `minutes`).
+    minutes: wall-time budget of the training loop.
+    lr: Adam learning rate of centroids and temperatures.
+    batch: calibration samples per step.
+    train_weights: let the replaced layers' weights train too (their tables follow);
+        off by default: only centroids and temperatures move, the rest of the model is fixed.
+    checkpoint: file the training state is saved to after each epoch and resumed from.
+    """
+
+    epochs: int = 30
+    minutes: float = 10.0
+    lr: float = 1e-3
+    batch: int = 8
+    train_weights: bool = False
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.minutes <= 0 or self.lr <= 0 or self.batch < 1:
+            raise ValueError(f"learning needs epochs >= 1, minutes > 0, lr > 0, batch >= 1; got {self}")
+
+
+@dataclass
 class LutConfig:
     """Which layers become encode + lookup-add, and how their codebooks are made.
 
@@ -60,6 +86,7 @@ class LutConfig:
     kernel: lookup-add kernel of matmul layers: "shuffle" (VPSHUFB table lookups; needs
         AVX2 or AVX-512BW, K = 16 and int8 tables), "generic", or "auto" (shuffle where it
         applies and the layer has at least one shuffle's worth of rows).
+    learn: centroid learning after k-means (None: k-means codebooks only).
     """
 
     layers: str = "all"
@@ -75,10 +102,13 @@ class LutConfig:
     kmeans_iters: int = 50
     task: str = "auto"
     kernel: str = "auto"
+    learn: LearnConfig | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()}
+        if isinstance(self.learn, dict):
+            self.learn = LearnConfig(**self.learn)
         if self.task not in ("auto", "classification", "embedding"):
             raise ValueError(f"task must be auto, classification or embedding, got {self.task!r}")
         if self.kernel not in ("auto", "shuffle", "generic"):

@@ -15,7 +15,8 @@ import tvm
 from tqdm import tqdm
 
 from .calibration import CalibrationSource, Feeds, capture, load_samples, rows_per_layer, split_holdout
-from .codebooks import LutLayer, learn_layer
+from .codebooks import LutLayer, learn_layer, snr_db
+from .distill import learn_centroids
 from .config import LutConfig
 from .errors import CalibrationError
 from .onnx_import import ImportedModel
@@ -78,6 +79,13 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
         for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
             layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
                                       cfg.seed, cfg.kmeans_iters))
+        if cfg.learn is not None:
+            train_labels = labels[train_ids] if labels is not None else None
+            layers = learn_centroids(imported.onnx_model, layers, [samples[i] for i in train_ids], cfg.learn,
+                                     train_labels, cfg.seed, progress)
+            for layer in layers:
+                sub = held[layer.plan.candidate.var]
+                layer.snr_db = round(snr_db(layer.dense(sub), layer.forward(sub)), 2)
     return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels)
 
 

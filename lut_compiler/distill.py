@@ -1,0 +1,127 @@
+"""Centroid learning by distillation (LUT-NN): k-means codebooks refined end to end.
+
+The replaced layers become `pq_layer` modules inside a torch view of the model
+(`torch_view.OnnxModule`); the fp32 model (the same view, nothing replaced) is the teacher.
+The loss matches every float output, each normalized by its mean square:
+sum_o mean((student_o - teacher_o)^2) / mean(teacher_o^2), plus cross-entropy on the first
+output when labels are given. No other parameter moves unless `LearnConfig.train_weights`.
+Samples are run one at a time (their shapes are bound) and `batch` of them make one Adam
+step. Training stops after `epochs` or `minutes`, saves a checkpoint after every epoch and
+resumes from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .codebooks import LutLayer
+from .config import LearnConfig
+from .calibration import Feeds
+from .pq_layer import PQConv2d, PQLayer, PQLinear
+from .torch_view import OnnxModule
+
+
+def pq_module(layer: LutLayer, train_weights: bool = False) -> torch.nn.Module:
+    """The PQ module that replaces `layer`'s ONNX node (no bias: the graph adds it)."""
+    plan = layer.plan
+    candidate = plan.candidate
+    pq = PQLayer(layer.centroids, plan.rule.weight_matrix(candidate), str(layer.tables.dtype), train_weights)
+    if candidate.conv is None:
+        return PQLinear(pq)
+    a = candidate.conv
+    return PQConv2d(pq, tuple(candidate.weight_shape[2:]), a.strides, a.padding, a.dilation)
+
+
+def student_view(onnx_model, layers: list[LutLayer], train_weights: bool = False) -> OnnxModule:
+    """The model with each layer's ONNX node computed by its PQ module."""
+    return OnnxModule(onnx_model, {layer.plan.candidate.name: pq_module(layer, train_weights) for layer in layers})
+
+
+def _tensors(feeds: Feeds) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
+
+
+def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized MSE over the float outputs (+ cross-entropy of output 0 with labels)."""
+    loss = sum(
+        torch.mean((s - t) ** 2) / (torch.mean(t**2) + 1e-12)
+        for s, t in zip(student, teacher) if t.is_floating_point()
+    )
+    if labels is not None:
+        logits = student[0].reshape(len(labels), -1)
+        loss = loss + torch.nn.functional.cross_entropy(logits, labels)
+    return loss
+
+
+def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cfg: LearnConfig,
+                    labels: np.ndarray | None = None, seed: int = 0, progress: bool = True) -> list[LutLayer]:
+    """Refine `layers` (k-means) on `samples` (training feeds; labels int [S, batch]);
+    returns new LutLayers: learned centroids, their tables and scales, same bias."""
+    torch.manual_seed(seed)
+    teacher = OnnxModule(onnx_model).eval()
+    student = student_view(onnx_model, layers, cfg.train_weights)
+    inputs = [_tensors(s) for s in samples]
+    with torch.no_grad():
+        targets = [teacher(**x) for x in inputs]
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    start_epoch = _resume(cfg.checkpoint, student, optimizer, layers)
+    rng = np.random.default_rng(seed)
+    deadline = time.monotonic() + cfg.minutes * 60
+    bar = tqdm(range(start_epoch, cfg.epochs), desc="learn centroids", unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        total = 0.0
+        order = rng.permutation(len(inputs))
+        for start in range(0, len(order), cfg.batch):
+            optimizer.zero_grad()
+            batch = order[start:start + cfg.batch]
+            for i in batch:
+                y = None if labels is None else torch.from_numpy(labels[i].astype(np.int64))
+                loss = distillation_loss(student(**inputs[i]), targets[i], y) / len(batch)
+                loss.backward()
+                total += float(loss.detach())
+            optimizer.step()
+        bar.set_postfix(loss=f"{total * cfg.batch / len(inputs):.4g}")
+        _save(cfg.checkpoint, student, optimizer, layers, epoch + 1)
+        if time.monotonic() > deadline:
+            break
+    return [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
+
+
+def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:
+    centroids, tables, scale = pq.exported()
+    return replace(layer, centroids=centroids, tables=tables, scale=scale, snr_db=None)
+
+
+def _layer_names(layers: list[LutLayer]) -> list[str]:
+    """What a checkpoint must match: each layer's name and codebook shape."""
+    return [f"{layer.plan.candidate.name}:{'x'.join(map(str, layer.centroids.shape))}" for layer in layers]
+
+
+def _save(path: str | None, student: OnnxModule, optimizer, layers: list[LutLayer], epoch: int) -> None:
+    if path is None:
+        return
+    state = {"epoch": epoch, "layers": _layer_names(layers), "student": student.replaced.state_dict(),
+             "optimizer": optimizer.state_dict()}
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never a half-written checkpoint
+
+
+def _resume(path: str | None, student: OnnxModule, optimizer, layers: list[LutLayer]) -> int:
+    """The epoch to start from: a checkpoint of the same layers and codebook shapes is loaded, else 0."""
+    if path is None or not Path(path).exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    if state.get("layers") != _layer_names(layers):
+        return 0
+    student.replaced.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"])

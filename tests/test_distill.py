@@ -1,0 +1,147 @@
+"""Centroid learning: the PQ layer against NumPy, the torch view against ONNX Runtime,
+distillation reducing its loss, and the compiled model computing the trained forward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import ort_run
+from torch_models import CNN, MLP, Encoder, export
+
+import lut_compiler
+from lut_compiler.codebooks import make_tables, quantize_tables
+from lut_compiler.config import CompileConfig, LearnConfig, LutConfig
+from lut_compiler.distill import distillation_loss, learn_centroids, student_view
+from lut_compiler.errors import UnsupportedModelError
+from lut_compiler.lut import apply_lut
+from lut_compiler.onnx_import import import_onnx
+from lut_compiler.pq_layer import PQLayer
+from lut_compiler.schedules.lut_encode_linear import encode_linear_ref
+from lut_compiler.schedules.lut_lookup_linear import lookup_add_linear_ref
+from lut_compiler.target import resolve_target
+from lut_compiler.torch_view import OnnxModule
+
+
+def _pq_case(seed: int, rows=64, c=6, k=16, v=4, n=10):
+    rng = np.random.default_rng(seed)
+    sub = rng.standard_normal((rows, c, v)).astype(np.float32)
+    return sub, rng.standard_normal((c, k, v)).astype(np.float32), rng.standard_normal((c * v, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("table_dtype", ["int8", "float32"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pq_layer_forward_is_the_numpy_lookup_add(table_dtype, seed):
+    sub, centroids, weight = _pq_case(seed, rows=50 + seed * 13)
+    pq = PQLayer(centroids, weight, table_dtype)
+    tables = make_tables(centroids, weight)
+    tables, scale = quantize_tables(tables) if table_dtype == "int8" else (tables, np.ones(weight.shape[1], np.float32))
+    codes = encode_linear_ref(sub.reshape(len(sub), -1), centroids)
+    expected = lookup_add_linear_ref(codes, tables, scale, np.zeros(weight.shape[1], np.float32))
+    with torch.no_grad():
+        got = pq(torch.from_numpy(sub)).numpy()
+        np.testing.assert_array_equal(pq.codes(torch.from_numpy(sub)).numpy(), codes)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    exported = pq.exported()
+    assert exported[1].dtype == tables.dtype
+    np.testing.assert_allclose(exported[1], tables, rtol=1e-5, atol=1e-6)  # int8: equal
+    np.testing.assert_allclose(exported[2], scale, rtol=1e-6)
+
+
+def test_pq_layer_gradients_are_the_soft_assignments():
+    """Straight-through: the backward pass is that of softmax(-dist * t), t = softplus(theta) + 1."""
+    sub, centroids, weight = _pq_case(2)
+    pq = PQLayer(centroids, weight, "float32")
+    x = torch.from_numpy(sub)
+    grad = torch.randn(len(sub), weight.shape[1], generator=torch.Generator().manual_seed(0))
+    pq(x).backward(grad)
+    g_centroids, g_theta = pq.centroids.grad.clone(), pq.theta.grad.clone()
+    assert g_centroids.abs().sum() > 0 and g_theta.abs() > 0
+
+    ref = PQLayer(centroids, weight, "float32")  # the soft path alone, by hand
+    dist = ref.distances(x)
+    soft = torch.softmax(-dist * (torch.nn.functional.softplus(ref.theta) + 1), -1)
+    tables = torch.einsum("ckv,cvn->ckn", ref.centroids, ref.weight)
+    hard = torch.nn.functional.one_hot(dist.argmin(-1), 16).float()
+    # d/dP of <grad, (hard + soft - soft.detach()) . T(P)>: the soft term's and the tables' gradients
+    (torch.einsum("rck,ckn->rn", soft, tables.detach()) * grad).sum().backward(retain_graph=True)
+    (torch.einsum("rck,ckn->rn", hard, tables) * grad).sum().backward()
+    np.testing.assert_allclose(g_centroids.numpy(), ref.centroids.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(g_theta), float(ref.theta.grad), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (3, 48)), ("cnn", (2, 3, 11, 9)), ("encoder", (2, 7))])
+def test_torch_view_matches_onnxruntime(models, name, shape):
+    imported = import_onnx(models[name], {imported_name(name): shape})
+    rng = np.random.default_rng(len(shape))
+    feeds = {imported_name(name): rng.integers(0, 100, shape).astype(np.int64) if name == "encoder"
+             else rng.standard_normal(shape).astype(np.float32)}
+    view = OnnxModule(imported.onnx_model)
+    with torch.no_grad():
+        got = view(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    for out, ref in zip(got, ort_run(models[name], feeds)):
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def imported_name(name: str) -> str:
+    return {"mlp": "x", "cnn": "image", "encoder": "ids"}[name]
+
+
+def test_unsupported_op_is_one_line(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    with pytest.raises(UnsupportedModelError, match="does not implement ONNX op.s. Hardmax"):
+        OnnxModule(helper.make_model(graph))
+    assert onnx  # imported for the helper
+
+
+def _cnn_case(tmp_path, samples=12):
+    torch.manual_seed(11)
+    path = export(CNN(), torch.randn(1, 3, 8, 8), tmp_path / "cnn.onnx", "x", {0: "batch"})
+    rng = np.random.default_rng(12)
+    feeds = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(samples)]
+    return path, feeds
+
+
+def test_learning_reduces_the_distillation_loss(tmp_path):
+    """A few epochs on a small CNN (every conv and the head replaced) in seconds."""
+    path, feeds = _cnn_case(tmp_path)
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, result = apply_lut(imported, LutConfig(holdout=0.0), feeds, resolve_target("host"), progress=False)
+    kmeans = result.layers
+
+    def loss(layers) -> float:
+        student, teacher = student_view(imported.onnx_model, layers), OnnxModule(imported.onnx_model)
+        with torch.no_grad():
+            return float(sum(distillation_loss(student(x=torch.from_numpy(f["x"])), teacher(x=torch.from_numpy(f["x"])))
+                             for f in feeds))
+
+    learned = learn_centroids(imported.onnx_model, kmeans, feeds, LearnConfig(epochs=8, lr=3e-3, batch=4),
+                              progress=False)
+    assert loss(learned) < 0.7 * loss(kmeans)
+    assert all(not np.array_equal(a.centroids, b.centroids) for a, b in zip(learned, kmeans))
+
+
+def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
+    """Learned centroids flow into the same rewrite and kernels; on held-out inputs the
+    compiled model equals the student's torch forward pass (int8 tables, shuffle kernels)."""
+    path, feeds = _cnn_case(tmp_path, samples=10)
+    ckpt = tmp_path / "learn.pt"
+    cfg = LutConfig(holdout=0.3, learn=LearnConfig(epochs=3, lr=3e-3, batch=4, checkpoint=str(ckpt)))
+    model = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)}, lut=cfg), progress=False,
+                                 calibration=feeds)
+    assert ckpt.exists()
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, result = apply_lut(imported, cfg, feeds, resolve_target("host"), progress=False)  # resumes: no training
+    student = student_view(imported.onnx_model, result.layers)
+    rng = np.random.default_rng(99)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+        with torch.no_grad():
+            expected = student(x=torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
+    assert [r["replaced"] for r in model.record["lut"]["layers"]].count(True) == 6
