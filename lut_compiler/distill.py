@@ -6,8 +6,8 @@ The loss matches every float output, each normalized by its mean square:
 sum_o mean((student_o - teacher_o)^2) / mean(teacher_o^2), plus cross-entropy on the first
 output when labels are given. No other parameter moves unless `LearnConfig.train_weights`.
 Samples are run one at a time (their shapes are bound) and `batch` of them make one Adam
-step. Training stops after `epochs` or `minutes`, saves a checkpoint after every epoch and
-resumes from it.
+step. Training stops after `epochs` or `minutes` (checked after every step), saves a
+checkpoint after every epoch and resumes from it.
 """
 
 from __future__ import annotations
@@ -77,18 +77,21 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
     deadline = time.monotonic() + cfg.minutes * 60
     bar = tqdm(range(start_epoch, cfg.epochs), desc="learn centroids", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        total = 0.0
+        total, seen = 0.0, 0
         order = rng.permutation(len(inputs))
         for start in range(0, len(order), cfg.batch):
             optimizer.zero_grad()
             batch = order[start:start + cfg.batch]
             for i in batch:
                 y = None if labels is None else torch.from_numpy(labels[i].astype(np.int64))
-                loss = distillation_loss(student(**inputs[i]), targets[i], y) / len(batch)
-                loss.backward()
-                total += float(loss.detach())
+                loss = distillation_loss(student(**inputs[i]), targets[i], y)
+                (loss / len(batch)).backward()
+                total, seen = total + float(loss.detach()), seen + 1
             optimizer.step()
-        bar.set_postfix(loss=f"{total * cfg.batch / len(inputs):.4g}")
+            if time.monotonic() > deadline:
+                break
+        bar.set_postfix(loss=f"{total / seen:.4g}")
+        # a partial epoch (out of time) counts as done: the checkpoint holds its steps
         _save(cfg.checkpoint, student, optimizer, layers, epoch + 1)
         if time.monotonic() > deadline:
             break
