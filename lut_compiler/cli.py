@@ -73,6 +73,12 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
                        help="learning time budget (default 10)")
         g.add_argument("--lut-learn-checkpoint", metavar="FILE", help="save learning state here after each epoch, "
                        "and resume from it")
+        budget = g.add_mutually_exclusive_group()
+        budget.add_argument("--max-drop", type=float, metavar="POINTS",
+                            help="replace only the layers that keep top-1 accuracy (agreement with fp32 without "
+                                 "--labels) within POINTS of fp32 on validation samples")
+        budget.add_argument("--min-cosine", type=float, metavar="C",
+                            help="replace only the layers that keep the outputs' mean cosine to fp32 >= C")
     g.add_argument("--lut-layers", default="all", metavar="all|last:N|REGEX", help="which eligible layers to replace")
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
@@ -84,16 +90,21 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
 
 
 def _lut_config(args):
-    from .config import LearnConfig, LutConfig
+    from .config import Budget, LearnConfig, LutConfig
 
     try:
+        budget = None
+        if getattr(args, "max_drop", None) is not None:
+            budget = Budget("accuracy", args.max_drop)
+        elif getattr(args, "min_cosine", None) is not None:
+            budget = Budget("cosine", args.min_cosine)
         learn = None
         if getattr(args, "lut_learn", False):
             learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
                                 checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
-                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn)
+                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn, budget=budget)
     except ValueError as err:
         raise _usage(str(err)) from None
 
@@ -133,6 +144,10 @@ def cmd_compile(args) -> None:
     config = _config(args, default_trials=0)
     if args.calib and not config.lut:
         raise _usage("--calib is only used with --lut")
+    needs_lut = [flag for flag, used in (("--lut-learn", args.lut_learn), ("--max-drop", args.max_drop is not None),
+                                          ("--min-cosine", args.min_cosine is not None)) if used]
+    if needs_lut and not config.lut:
+        raise _usage(f"{needs_lut[0]} is only used with --lut")
     labels = None
     if args.labels:
         if not config.lut:

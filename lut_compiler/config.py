@@ -65,6 +65,24 @@ class LearnConfig:
             raise ValueError(f"learning needs epochs >= 1, minutes > 0, lr > 0, batch >= 1; got {self}")
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How much accuracy the layer choice may spend: metric "accuracy" (a drop of at most
+    `limit` points of top-1 accuracy, or of agreement with fp32 without labels) or
+    "cosine" (mean cosine similarity of the outputs to fp32 at least `limit`)."""
+
+    metric: str
+    limit: float
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("accuracy", "cosine"):
+            raise ValueError(f"budget metric must be accuracy or cosine, got {self.metric!r}")
+        if self.metric == "cosine" and not -1.0 <= self.limit <= 1.0:
+            raise ValueError(f"min cosine must be in [-1, 1], got {self.limit}")
+        if self.metric == "accuracy" and not 0.0 <= self.limit <= 100.0:
+            raise ValueError(f"max accuracy drop must be in [0, 100] points, got {self.limit}")
+
+
 @dataclass
 class LutConfig:
     """Which layers become encode + lookup-add, and how their codebooks are made.
@@ -87,6 +105,8 @@ class LutConfig:
         AVX2 or AVX-512BW, K = 16 and int8 tables), "generic", or "auto" (shuffle where it
         applies and the layer has at least one shuffle's worth of rows).
     learn: centroid learning after k-means (None: k-means codebooks only).
+    budget: choose, among the layers `layers` selects, the ones to replace so that the
+        validation metric stays within this budget (`layer_choice`); None replaces them all.
     """
 
     layers: str = "all"
@@ -103,12 +123,15 @@ class LutConfig:
     task: str = "auto"
     kernel: str = "auto"
     learn: LearnConfig | None = None
+    budget: Budget | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.overrides = {k: v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()}
         if isinstance(self.learn, dict):
             self.learn = LearnConfig(**self.learn)
+        if isinstance(self.budget, dict):
+            self.budget = Budget(**self.budget)
         if self.task not in ("auto", "classification", "embedding"):
             raise ValueError(f"task must be auto, classification or embedding, got {self.task!r}")
         if self.kernel not in ("auto", "shuffle", "generic"):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .calibration import CalibrationSource, Feeds, capture, load_samples, rows_per_layer, split_holdout
 from .codebooks import LutLayer, learn_layer, snr_db
 from .distill import learn_centroids
+from .layer_choice import Metric, choose_layers
 from .config import LutConfig
 from .errors import CalibrationError
 from .onnx_import import ImportedModel
@@ -35,6 +36,7 @@ class LutResult:
     held_out: list[int]
     calibration_rows: int
     labels: np.ndarray | None = None  # int [S, batch]
+    choice: dict | None = None  # the budgeted layer choice (`_refine`), JSON-able
 
     @property
     def measured_on_calibration(self) -> bool:
@@ -71,7 +73,7 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
     chosen = [p for p in plans if p.replaced]
     train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
     rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)
-    layers = []
+    layers, choice = [], None
     if chosen:
         train = capture(imported.onnx_model, [samples[i] for i in train_ids], chosen, rows, cfg.seed, progress)
         held_rows = max(1, round(rows * cfg.holdout)) if held_ids != train_ids else rows
@@ -79,14 +81,53 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
         for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
             layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
                                       cfg.seed, cfg.kmeans_iters))
-        if cfg.learn is not None:
-            train_labels = labels[train_ids] if labels is not None else None
-            layers = learn_centroids(imported.onnx_model, layers, [samples[i] for i in train_ids], cfg.learn,
-                                     train_labels, cfg.seed, progress)
-            for layer in layers:
-                sub = held[layer.plan.candidate.var]
-                layer.snr_db = round(snr_db(layer.dense(sub), layer.forward(sub)), 2)
-    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels)
+        layers, choice = _refine(imported, layers, samples, train_ids, labels, cfg, progress)
+        for layer in layers:
+            sub = held[layer.plan.candidate.var]
+            layer.snr_db = round(snr_db(layer.dense(sub), layer.forward(sub)), 2)
+    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels, choice)
+
+
+def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds], train_ids: list[int],
+            labels: np.ndarray | None, cfg: LutConfig, progress: bool) -> tuple[list[LutLayer], dict | None]:
+    """Learn the centroids (cfg.learn) and/or keep the layers within cfg.budget.
+
+    With a budget, a quarter of the training samples (at least one) validates the choice
+    and the rest train; the report's held-out samples stay unseen. Learning runs on all
+    candidate layers before the choice, and again on the kept ones after it.
+    """
+    if cfg.budget is None and cfg.learn is None:
+        return layers, None
+    fit_ids, val_ids = train_ids, train_ids
+    if cfg.budget is not None and len(train_ids) > 1:
+        order = np.random.default_rng(cfg.seed + 2).permutation(train_ids)
+        val_ids = sorted(order[: max(1, len(train_ids) // 4)].tolist())
+        fit_ids = sorted(order[len(val_ids):].tolist())
+
+    def learn(chosen: list[LutLayer]) -> list[LutLayer]:
+        if cfg.learn is None or not chosen:
+            return chosen
+        fit_labels = labels[fit_ids] if labels is not None else None
+        return learn_centroids(imported.onnx_model, chosen, [samples[i] for i in fit_ids], cfg.learn, fit_labels,
+                               cfg.seed, progress)
+
+    layers = learn(layers)
+    if cfg.budget is None:
+        return layers, None
+    metric = Metric(imported.onnx_model, [samples[i] for i in val_ids],
+                    labels[val_ids] if labels is not None else None, cfg.budget.metric)
+    choice = choose_layers(metric, layers, cfg.budget, progress)
+    kept = [layer for layer, keep in zip(layers, choice.kept) if keep]
+    for layer, keep, loss in zip(layers, choice.kept, choice.sensitivity):
+        if not keep:
+            layer.plan.reason = f"over the {cfg.budget.metric} budget (alone it costs {loss:+.4f})"
+    if len(kept) < len(layers) and cfg.learn is not None:
+        kept = learn(kept)
+    final = metric(kept) if kept else choice.baseline
+    report = {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
+              "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
+              "sensitivity": {layer.plan.candidate.name: round(v, 5) for layer, v in zip(layers, choice.sensitivity)}}
+    return kept, report
 
 
 def labels_per_sample(labels: np.ndarray, samples: int) -> np.ndarray:

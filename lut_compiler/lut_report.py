@@ -63,6 +63,8 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
         "layers": [_layer_row(p, result) for p in result.plans],
         "outputs": outputs,
     }
+    if result.choice is not None:
+        report["budget"] = result.choice
     classifier = next((n for n, (ref, _) in stacked.items() if classify and _logits(ref.shape[1:])), None)
     if result.labels is not None and classifier is not None:
         truth = result.labels[result.held_out]
@@ -95,6 +97,12 @@ def format_report(report: dict) -> str:
     for r in replaced:
         lines.append(f"{r['name']:<{width}} {r['op']:<7} {r['V']:>3} {r['C']:>4} {r['K']:>4}  "
                      f"{r['table_dtype']:<5}  {r['snr_db']:.1f}")
+    if "budget" in report:
+        b = report["budget"]
+        bound = f"drop <= {b['limit']} points" if b["metric"] == "accuracy" else f"cosine >= {b['limit']}"
+        lines.append(f"budget: {b['metric']} {bound} on {b['validation_samples']} validation samples: fp32 "
+                     f"{b['fp32']:.4f}, chosen layers {b['chosen']:.4f}; left dense over budget:")
+        lines += [f"  {r['name']}: {r['reason']}" for r in report["layers"] if "budget" in (r.get("reason") or "")]
     where = "calibration samples (none held out)" if report["measured_on_calibration"] else "held-out samples"
     lines.append(f"{len(replaced)} of {len(report['layers'])} layers replaced ({report['flops_replaced']:.0%} of "
                  f"matmul/conv FLOPs); model vs fp32 on {report['held_out_samples']} {where}:")

@@ -145,3 +145,43 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
             expected = student(x=torch.from_numpy(x))[0].numpy()
         np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
     assert [r["replaced"] for r in model.record["lut"]["layers"]].count(True) == 6
+
+
+# ---------------------------------------------------------------- layer choice under a budget
+
+
+def test_greedy_choice_on_a_known_metric():
+    """Additive losses per layer (points): greedy by sensitivity keeps the cheapest set that
+    fits, later layers first on ties."""
+    from lut_compiler.config import Budget
+    from lut_compiler.layer_choice import choose_layers
+
+    cost = {"a": 0.002, "b": 0.009, "c": 0.005, "d": 0.005}  # accuracy lost alone (fractions)
+    layers = list(cost)
+    choice = choose_layers(lambda chosen: 0.9 - sum(cost[x] for x in chosen), layers, Budget("accuracy", 1.0),
+                           progress=False)
+    assert choice.kept == [True, False, False, True]  # a (0.2) + d (0.5, later than c) = 0.7 points; + c or b: over
+    assert choice.baseline == pytest.approx(0.9) and choice.final == pytest.approx(0.893)
+    assert choice.sensitivity == pytest.approx([0.002, 0.009, 0.005, 0.005])
+
+
+def test_budget_keeps_the_validation_cosine(tmp_path):
+    """--min-cosine: the chosen layers keep the validation cosine above the bound; the rest
+    stay dense with the reason; the report shows it."""
+    from lut_compiler.config import Budget
+
+    path, feeds = _cnn_case(tmp_path, samples=16)
+    cfg = LutConfig(holdout=0.25, budget=Budget("cosine", 0.995))
+    model = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)}, lut=cfg), progress=False,
+                                 calibration=feeds)
+    report = model.record["lut"]
+    budget = report["budget"]
+    assert budget["metric"] == "cosine" and budget["validation_samples"] == 3  # a quarter of 12 training samples
+    assert budget["chosen"] >= 0.995 and set(budget["sensitivity"]) == {r["name"] for r in report["layers"]}
+    kept = [r for r in report["layers"] if r["replaced"]]
+    dropped = [r for r in report["layers"] if not r["replaced"]]
+    assert kept and dropped and all("over the cosine budget" in r["reason"] for r in dropped)
+    loose = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)},
+                                                     lut=LutConfig(holdout=0.25, budget=Budget("cosine", -1.0))),
+                                 progress=False, calibration=feeds)
+    assert all(r["replaced"] for r in loose.record["lut"]["layers"])

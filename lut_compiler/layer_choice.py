@@ -1,0 +1,88 @@
+"""Which layers to replace under an accuracy budget (LUT-NN's layer choice, greedy).
+
+The metric runs the torch view of the model (`torch_view.OnnxModule`) with the candidate
+layers as PQ modules, whose forward pass is exactly what the compiled kernels compute, on
+validation samples (calibration samples outside the report's held-out set):
+
+- "accuracy": share of rows whose argmax of output 0 equals the label (top-1 agreement with
+  the fp32 model when there are no labels); the budget is a drop in points (`max_drop`).
+- "cosine": mean cosine similarity of output 0's rows to the fp32 model's (`min_cosine`).
+
+Sensitivity of a layer: the metric lost when only it is replaced. Greedy: layers in order
+of sensitivity (ties: later layers first, LUT-NN's preference), each kept if the model
+with all kept layers plus it stays within the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .calibration import Feeds
+from .codebooks import LutLayer
+from .config import Budget
+from .distill import student_view
+from .torch_view import OnnxModule
+
+
+def within(budget: Budget, baseline: float, value: float) -> bool:
+    if budget.metric == "cosine":
+        return value >= budget.limit
+    return (baseline - value) * 100.0 <= budget.limit + 1e-9
+
+
+@dataclass
+class Choice:
+    """Per layer (same order as the input layers): sensitivity and whether it was kept;
+    baseline and final metric on the validation samples."""
+
+    sensitivity: list[float]
+    kept: list[bool]
+    baseline: float
+    final: float
+
+
+class Metric:
+    """The budget's metric of the model with some layers replaced, on fixed samples."""
+
+    def __init__(self, onnx_model, samples: list[Feeds], labels: np.ndarray | None, metric: str) -> None:
+        self.onnx_model, self.metric = onnx_model, metric
+        self.inputs = [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.items()} for s in samples]
+        teacher = OnnxModule(onnx_model).eval()
+        with torch.no_grad():
+            outputs = [teacher(**x)[0] for x in self.inputs]
+        self.reference = [out.reshape(len(out), -1) for out in outputs]
+        if labels is not None:
+            self.targets = [torch.from_numpy(np.asarray(y).reshape(-1).astype(np.int64)) for y in labels]
+        else:
+            self.targets = [r.argmax(-1) for r in self.reference]
+
+    def __call__(self, layers: list[LutLayer]) -> float:
+        model = student_view(self.onnx_model, layers).eval() if layers else OnnxModule(self.onnx_model).eval()
+        scores = []
+        with torch.no_grad():
+            for x, ref, target in zip(self.inputs, self.reference, self.targets):
+                out = model(**x)[0].reshape(len(ref), -1)
+                if self.metric == "cosine":
+                    scores.append(torch.nn.functional.cosine_similarity(out, ref, dim=-1))
+                else:
+                    scores.append((out.argmax(-1) == target).float())
+        return float(torch.cat(scores).mean())
+
+
+def choose_layers(metric: Metric, layers: list[LutLayer], budget: Budget, progress: bool = True) -> Choice:
+    """Greedy choice among `layers` (program order) within `budget` of the fp32 metric."""
+    baseline = metric([])
+    sensitivity = [baseline - metric([layer]) for layer in tqdm(layers, desc="sensitivity", unit="layer",
+                                                                 disable=not progress, leave=False)]
+    order = sorted(range(len(layers)), key=lambda i: (round(sensitivity[i], 6), -i))
+    kept, current = [False] * len(layers), baseline
+    for i in tqdm(order, desc="choose layers", unit="layer", disable=not progress, leave=False):
+        trial = [layers[j] for j in range(len(layers)) if kept[j] or j == i]
+        value = metric(trial)
+        if within(budget, baseline, value):
+            kept[i], current = True, value
+    return Choice(sensitivity, kept, baseline, current)
