@@ -132,7 +132,7 @@ def _axes(a, axes_input, rank: int) -> list[int] | None:
     return None if axes is None else [ax % rank for ax in axes]
 
 
-@op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")
+@op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
 def _reduce(a, x, axes=None):
     dims = _axes(a, axes, x.dim())
     keep = bool(a.get("keepdims", 1))
@@ -145,6 +145,8 @@ def _reduce(a, x, axes=None):
         return x.mean(dim=dims, keepdim=keep)
     if kind == "ReduceSum":
         return x.sum(dim=dims, keepdim=keep)
+    if kind == "ReduceL2":
+        return torch.sqrt((x * x).sum(dim=dims, keepdim=keep))
     reduce = torch.amax if kind == "ReduceMax" else torch.amin
     return reduce(x, dim=dims, keepdim=keep)
 
@@ -163,8 +165,9 @@ def _reshape(a, x, shape):
 
 @op("Flatten")
 def _flatten(a, x):
-    axis = a.get("axis", 1) % max(x.dim(), 1)
-    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    axis = a.get("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis  # in [-r, r]: r flattens everything into rows
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 
 @op("Transpose")

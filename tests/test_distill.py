@@ -185,3 +185,32 @@ def test_budget_keeps_the_validation_cosine(tmp_path):
                                                      lut=LutConfig(holdout=0.25, budget=Budget("cosine", -1.0))),
                                  progress=False, calibration=feeds)
     assert all(r["replaced"] for r in loose.record["lut"]["layers"])
+
+
+def test_torch_view_edge_ops_match_onnxruntime():
+    """Flatten at axis = rank, ReduceL2, Gather with a scalar index, Split, Where, Expand."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"], axis=3),  # [2, 3, 4] -> [24, 1]
+        helper.make_node("ReduceL2", ["x", "ax"], ["n"], keepdims=1),
+        helper.make_node("Gather", ["x", "i"], ["g"], axis=1),  # scalar index: [2, 4]
+        helper.make_node("Split", ["x", "sp"], ["s0", "s1"], axis=2),
+        helper.make_node("Greater", ["x", "zero"], ["pos"]),
+        helper.make_node("Where", ["pos", "x", "n"], ["w"]),
+        helper.make_node("Expand", ["g", "shape"], ["e"]),
+    ]
+    inits = [numpy_helper.from_array(np.array([2], np.int64), "ax"), numpy_helper.from_array(np.array(1, np.int64), "i"),
+             numpy_helper.from_array(np.array([1, 3], np.int64), "sp"), numpy_helper.from_array(np.float32(0), "zero"),
+             numpy_helper.from_array(np.array([3, 2, 4], np.int64), "shape")]
+    outs = ["f", "n", "g", "s0", "s1", "w", "e"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(5).standard_normal((2, 3, 4)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(outs, {"x": x})
+    with torch.no_grad():
+        got = OnnxModule(model)(x=torch.from_numpy(x))
+    for name, g, e in zip(outs, got, expected):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-6, atol=1e-6, err_msg=name)
