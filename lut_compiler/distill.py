@@ -61,9 +61,12 @@ def distillation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor],
 
 
 def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cfg: LearnConfig,
-                    labels: np.ndarray | None = None, seed: int = 0, progress: bool = True) -> list[LutLayer]:
-    """Refine `layers` (k-means) on `samples` (training feeds; labels int [S, batch]);
-    returns new LutLayers: learned centroids, their tables and scales, same bias."""
+                    labels: np.ndarray | None = None, seed: int = 0,
+                    progress: bool = True) -> tuple[list[LutLayer], dict]:
+    """Refine `layers` (k-means) on `samples` (training feeds; labels int [S, batch]).
+
+    Returns new LutLayers (learned centroids, their tables and scales, same bias) and what
+    the training did: {"epochs", "resumed_from", "seconds", "loss": [per epoch, mean per sample]}."""
     torch.manual_seed(seed)
     teacher = OnnxModule(onnx_model).eval()
     student = student_view(onnx_model, layers, cfg.train_weights)
@@ -74,7 +77,9 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     start_epoch = _resume(cfg.checkpoint, student, optimizer, layers)
     rng = np.random.default_rng(seed)
-    deadline = time.monotonic() + cfg.minutes * 60
+    started = time.monotonic()
+    deadline = started + cfg.minutes * 60
+    losses = []
     bar = tqdm(range(start_epoch, cfg.epochs), desc="learn centroids", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         total, seen = 0.0, 0
@@ -90,12 +95,16 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
             optimizer.step()
             if time.monotonic() > deadline:
                 break
-        bar.set_postfix(loss=f"{total / seen:.4g}")
+        losses.append(round(total / seen, 6))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
         # a partial epoch (out of time) counts as done: the checkpoint holds its steps
         _save(cfg.checkpoint, student, optimizer, layers, epoch + 1)
         if time.monotonic() > deadline:
             break
-    return [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
+    learned = [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
+    stats = {"epochs": start_epoch + len(losses), "resumed_from": start_epoch,
+             "seconds": round(time.monotonic() - started, 1), "loss": losses}
+    return learned, stats
 
 
 def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:

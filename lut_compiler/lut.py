@@ -36,7 +36,7 @@ class LutResult:
     held_out: list[int]
     calibration_rows: int
     labels: np.ndarray | None = None  # int [S, batch]
-    choice: dict | None = None  # the budgeted layer choice (`_refine`), JSON-able
+    refined: dict | None = None  # {"budget": layer choice, "learn": training runs} (`_refine`), JSON-able
 
     @property
     def measured_on_calibration(self) -> bool:
@@ -73,7 +73,7 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
     chosen = [p for p in plans if p.replaced]
     train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
     rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)
-    layers, choice = [], None
+    layers, refined = [], None
     if chosen:
         train = capture(imported.onnx_model, [samples[i] for i in train_ids], chosen, rows, cfg.seed, progress)
         held_rows = max(1, round(rows * cfg.holdout)) if held_ids != train_ids else rows
@@ -81,11 +81,11 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
         for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
             layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
                                       cfg.seed, cfg.kmeans_iters))
-        layers, choice = _refine(imported, layers, samples, train_ids, labels, cfg, progress)
+        layers, refined = _refine(imported, layers, samples, train_ids, labels, cfg, progress)
         for layer in layers:
             sub = held[layer.plan.candidate.var]
             layer.snr_db = round(snr_db(layer.dense(sub), layer.forward(sub)), 2)
-    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels, choice)
+    return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels, refined)
 
 
 def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds], train_ids: list[int],
@@ -104,16 +104,20 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
         val_ids = sorted(order[: max(1, len(train_ids) // 4)].tolist())
         fit_ids = sorted(order[len(val_ids):].tolist())
 
+    runs = []
+
     def learn(chosen: list[LutLayer]) -> list[LutLayer]:
         if cfg.learn is None or not chosen:
             return chosen
         fit_labels = labels[fit_ids] if labels is not None else None
-        return learn_centroids(imported.onnx_model, chosen, [samples[i] for i in fit_ids], cfg.learn, fit_labels,
-                               cfg.seed, progress)
+        learned, stats = learn_centroids(imported.onnx_model, chosen, [samples[i] for i in fit_ids], cfg.learn,
+                                         fit_labels, cfg.seed, progress)
+        runs.append({"layers": len(chosen), "samples": len(fit_ids), **stats})
+        return learned
 
     layers = learn(layers)
     if cfg.budget is None:
-        return layers, None
+        return layers, {"learn": runs}
     metric = Metric(imported.onnx_model, [samples[i] for i in val_ids],
                     labels[val_ids] if labels is not None else None, cfg.budget.metric)
     choice = choose_layers(metric, layers, cfg.budget, progress)
@@ -124,9 +128,11 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
     if len(kept) < len(layers) and cfg.learn is not None:
         kept = learn(kept)
     final = metric(kept) if kept else choice.baseline
-    report = {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
-              "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
-              "sensitivity": {layer.plan.candidate.name: round(v, 5) for layer, v in zip(layers, choice.sensitivity)}}
+    report = {"budget": {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
+                         "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
+                         "sensitivity": {layer.plan.candidate.name: round(v, 5)
+                                         for layer, v in zip(layers, choice.sensitivity)}},
+              "learn": runs}
     return kept, report
 
 

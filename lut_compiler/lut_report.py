@@ -63,8 +63,8 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
         "layers": [_layer_row(p, result) for p in result.plans],
         "outputs": outputs,
     }
-    if result.choice is not None:
-        report["budget"] = result.choice
+    if result.refined is not None:
+        report.update({k: v for k, v in result.refined.items() if v})
     classifier = next((n for n, (ref, _) in stacked.items() if classify and _logits(ref.shape[1:])), None)
     if result.labels is not None and classifier is not None:
         truth = result.labels[result.held_out]
@@ -103,6 +103,10 @@ def format_report(report: dict) -> str:
         lines.append(f"budget: {b['metric']} {bound} on {b['validation_samples']} validation samples: fp32 "
                      f"{b['fp32']:.4f}, chosen layers {b['chosen']:.4f}; left dense over budget:")
         lines += [f"  {r['name']}: {r['reason']}" for r in report["layers"] if "budget" in (r.get("reason") or "")]
+    for run in report.get("learn", []):
+        loss = f", loss {run['loss'][0]:.4g} -> {run['loss'][-1]:.4g}" if run["loss"] else ""
+        lines.append(f"learned centroids of {run['layers']} layers on {run['samples']} samples: {run['epochs']} epochs "
+                     f"in {run['seconds']:.0f} s{loss}")
     where = "calibration samples (none held out)" if report["measured_on_calibration"] else "held-out samples"
     lines.append(f"{len(replaced)} of {len(report['layers'])} layers replaced ({report['flops_replaced']:.0%} of "
                  f"matmul/conv FLOPs); model vs fp32 on {report['held_out_samples']} {where}:")

@@ -120,8 +120,9 @@ def test_learning_reduces_the_distillation_loss(tmp_path):
             return float(sum(distillation_loss(student(x=torch.from_numpy(f["x"])), teacher(x=torch.from_numpy(f["x"])))
                              for f in feeds))
 
-    learned = learn_centroids(imported.onnx_model, kmeans, feeds, LearnConfig(epochs=8, lr=3e-3, batch=4),
-                              progress=False)
+    learned, stats = learn_centroids(imported.onnx_model, kmeans, feeds, LearnConfig(epochs=8, lr=3e-3, batch=4),
+                                     progress=False)
+    assert stats["epochs"] == 8 and len(stats["loss"]) == 8 and stats["loss"][-1] < stats["loss"][0]
     assert loss(learned) < 0.7 * loss(kmeans)
     assert all(not np.array_equal(a.centroids, b.centroids) for a, b in zip(learned, kmeans))
 
@@ -145,6 +146,7 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
             expected = student(x=torch.from_numpy(x))[0].numpy()
         np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
     assert [r["replaced"] for r in model.record["lut"]["layers"]].count(True) == 6
+    assert model.record["lut"]["learn"][0]["epochs"] == 3 and result.refined["learn"][0]["resumed_from"] == 3
 
 
 # ---------------------------------------------------------------- layer choice under a budget
