@@ -15,14 +15,14 @@ broadcast P[c, k, :], then compare, min and blend into the running (min, argmin)
 registers (`lut_encode_rows.schedule_tile`); the codes are stored contiguously.
 
 Knobs: `lut_encode_rows.EncodeKnobs` (row tile, centroid block; `parallel` here is the
-codebook loop); a MetaSchedule design space through the custom rule "lut_encode_conv_rows"
+codebook loop; `lut_encode_rows.scheduled_knobs` reads them back); a MetaSchedule design space through the custom rule "lut_encode_conv_rows"
 on the argmin block.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -34,12 +34,20 @@ from .conv_patches import ConvGeometry
 from .lut_encode_conv import encode_conv_ref
 from .lut_encode_linear import check_centroids
 from .lut_lookup_shuffle import padded_rows
-from .lut_encode_rows import LANES_ANNOTATION, EncodeKnobs, Factor, float_lanes, knob_space, schedule_tile
+from .lut_encode_rows import (
+    KNOB_ANNOTATION,
+    LANES_ANNOTATION,
+    EncodeKnobs,
+    Factor,
+    float_lanes,
+    knob_space,
+    mark_scheduled,
+    schedule_tile,
+)
 from .lut_encode_rows import default_knobs as rows_default_knobs
 
 SCHEDULE_RULE = "lut_encode_conv_rows"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
-KNOB_ANNOTATION = "lut_encode_conv."  # + knob name, on the root block of a scheduled encoder
 # Codes (pixels x codebooks) below which one thread beats waking the pool.
 MIN_PARALLEL_CODES = 1 << 12
 
@@ -213,17 +221,7 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: F
         sch.parallel(c)
     sch.decompose_reduction(blocks["dot"], v)
     sch.decompose_reduction(blocks["nearest"], k_o)
-    root = sch.get_sblock("root")
-    sch.annotate(root, "schedule_rule", "None")  # keep MetaSchedule's stock rules off
-    for name, value in (("row_vectors", row_vectors), ("k_block", k_block), ("parallel", int(parallel))):
-        sch.annotate(root, KNOB_ANNOTATION + name, value)
-
-
-def scheduled_knobs(func: tirx.PrimFunc) -> EncodeKnobs | None:
-    """The knobs a scheduled conv encoder was built with."""
-    annotations = func.body.block.annotations if isinstance(func.body, s_tir.SBlockRealize) else {}
-    values = [annotations.get(KNOB_ANNOTATION + f.name) for f in fields(EncodeKnobs)]
-    return None if any(v is None for v in values) else EncodeKnobs(*(int(v) for v in values[:2]), bool(int(values[2])))
+    mark_scheduled(sch, row_vectors, k_block, parallel)
 
 
 def schedule_encode_conv_rows(sch: s_tir.Schedule, _lanes: int = 0, _min_parallel_work: int = 0) -> bool:

@@ -264,8 +264,14 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: F
         sch.parallel(m_o)
     sch.decompose_reduction(kernel.dot, v)
     sch.decompose_reduction(kernel.nearest, k_o)
+    mark_scheduled(sch, row_vectors, k_block, parallel)
+
+
+def mark_scheduled(sch: s_tir.Schedule, row_vectors: int, k_block: Factor, parallel: bool) -> None:
+    """Record the knobs on the root block (`scheduled_knobs` reads them) and keep
+    MetaSchedule's stock rules off the scheduled encoder."""
     root = sch.get_sblock("root")
-    sch.annotate(root, "schedule_rule", "None")  # keep MetaSchedule's stock rules off
+    sch.annotate(root, "schedule_rule", "None")
     for name, value in (("row_vectors", row_vectors), ("k_block", k_block), ("parallel", int(parallel))):
         sch.annotate(root, KNOB_ANNOTATION + name, value)
 
@@ -298,7 +304,7 @@ def encode_design_space(sch: s_tir.Schedule, block: SBlockRV) -> list[s_tir.Sche
 
 
 def scheduled_knobs(func: tirx.PrimFunc) -> EncodeKnobs | None:
-    """The knobs a scheduled encoder was built with."""
+    """The knobs a scheduled encoder (linear or conv) was built with."""
     annotations = func.body.block.annotations if isinstance(func.body, s_tir.SBlockRealize) else {}
     values = {f.name: annotations.get(KNOB_ANNOTATION + f.name) for f in fields(EncodeKnobs)}
     if any(v is None for v in values.values()):

@@ -1,6 +1,8 @@
-"""Shared by the LUT kernel tests: conv geometries and the check of encoder codes."""
+"""Shared by the LUT kernel tests: conv geometries, the check of encoder codes, compiling
+many kernels at once."""
 
 import numpy as np
+import tvm
 
 # A chosen code may miss the float64 nearest centroid by float32 rounding of the distances
 # only: relative to the magnitude of ||x||^2 + ||P_k||^2.
@@ -28,3 +30,8 @@ def assert_codes(codes: np.ndarray, sub: np.ndarray, centroids: np.ndarray, refe
     scale = np.square(sub64).sum(-1) + np.square(p64).sum(-1).max(-1)
     assert (chosen - distances.min(-1) <= DISTANCE_RTOL * (1 + scale)).all()
     assert (codes == reference).mean() >= MIN_EQUAL_CODES
+
+
+def compile_funcs(funcs: dict, target):
+    """One library for many PrimFuncs (one LLVM run), each callable by its key."""
+    return tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()}), target)

@@ -10,7 +10,7 @@ import pytest
 import tvm
 from tvm import s_tir, tirx
 
-from lut_cases import CONVS, assert_codes
+from lut_cases import CONVS, assert_codes, compile_funcs
 from lut_compiler.schedules.conv_patches import ConvGeometry, patches
 from lut_compiler.schedules.default_cpu import default_schedule
 from lut_compiler.schedules.lut_encode_conv_rows import apply_knobs as conv_apply_knobs
@@ -20,7 +20,6 @@ from lut_compiler.schedules.lut_encode_conv_rows import (
     encode_conv_rows_ref,
     image_rows,
 )
-from lut_compiler.schedules.lut_encode_conv_rows import scheduled_knobs as conv_scheduled_knobs
 from lut_compiler.schedules.lut_encode_rows import (
     EncodeKnobs,
     apply_knobs,
@@ -58,9 +57,8 @@ def _scheduled(rows, dim, codebooks, k, padded, knobs: EncodeKnobs | None, shuff
     return sch.mod["main"]
 
 
-def _compile(funcs: dict[str, tirx.PrimFunc], target=TARGET):
-    """One library for many kernels (one LLVM run)."""
-    return tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()}), target)
+def _compile(funcs: dict[str, tirx.PrimFunc]):
+    return compile_funcs(funcs, TARGET)
 
 
 def _encode(lib, name: str, x: np.ndarray, centroids: np.ndarray, padded: int) -> np.ndarray:
@@ -194,7 +192,7 @@ def test_conv_every_legal_knob_combination(name):
         conv_apply_knobs(sch, knobs)
         funcs[f"k{i}"] = sch.mod["main"]
     funcs["default"] = default_schedule(func, TARGET).mod["main"]
-    assert conv_scheduled_knobs(funcs["default"]) is not None  # LutKernels scheduled it
+    assert scheduled_knobs(funcs["default"]) is not None  # LutKernels scheduled it
     lib = _compile(funcs)
     for name in funcs:
         codes_t = tvm.runtime.empty((geom.codebooks, geom.batch * image_rows(geom, 32)), "uint8")
@@ -209,7 +207,7 @@ def test_conv_design_space_and_znver4():
     for seed in range(1, 9):
         sch = s_tir.Schedule(func, seed=seed)
         for space in encode_conv_design_space(sch, sch.get_sblock("nearest")):
-            sampled.add(conv_scheduled_knobs(space.mod["main"]))
+            sampled.add(scheduled_knobs(space.mod["main"]))
     tiles, blocks = knob_space(geom.batch * image_rows(geom, 32), geom.subspace_len, k, LANES)
     assert {(s.row_vectors, s.parallel) for s in sampled} == set(itertools.product(tiles, (True, False)))
     assert {s.k_block for s in sampled} <= set(blocks)

@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import tvm
+from lut_cases import compile_funcs
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import meta_schedule as ms
 
@@ -78,8 +79,7 @@ def _scheduled(
 
 
 def _compile(funcs: dict[str, tirx.PrimFunc], target=TARGET):
-    """One library for many kernels (one LLVM run)."""
-    return tvm.compile(tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()}), target)
+    return compile_funcs(funcs, target)
 
 
 def _run(lib, name: str, codes_t, tables, rows: int, lanes: int, scale=None, bias=None, images=None) -> np.ndarray:
