@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from .calibration import CalibrationSource, Feeds, capture, load_samples, rows_per_layer, split_holdout
 from .codebooks import LutLayer, learn_layer, snr_db
-from .distill import learn_centroids
-from .layer_choice import Metric, choose_layers
 from .config import LutConfig
+from .distill import learn_centroids
 from .errors import CalibrationError
+from .layer_choice import Metric, choose_layers
 from .onnx_import import ImportedModel
 from .passes.find_candidates import find_candidates
 from .passes.lut_plan import LayerPlan, plan_layers
@@ -125,9 +125,10 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
     for layer, keep, loss in zip(layers, choice.kept, choice.sensitivity):
         if not keep:
             layer.plan.reason = f"over the {cfg.budget.metric} budget (alone it costs {loss:+.4f})"
+    final = choice.final
     if len(kept) < len(layers) and cfg.learn is not None:
         kept = learn(kept)
-    final = metric(kept) if kept else choice.baseline
+        final = metric(kept) if kept else choice.baseline
     report = {"budget": {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
                          "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
                          "sensitivity": {layer.plan.candidate.name: round(v, 5)
