@@ -18,7 +18,7 @@ from ..schedules.conv_patches import ConvGeometry, patches
 from ..schedules.lut_encode_conv import encode_conv
 from ..schedules.lut_encode_conv_rows import encode_conv_rows, image_rows
 from ..schedules.lut_lookup_conv import lookup_add_conv
-from ..schedules.lut_lookup_shuffle import lookup_add_shuffle
+from ..schedules.lut_lookup_shuffle import lookup_add_shuffle, packed_codebooks
 from .find_candidates import Candidate
 from .lut_matmul import shuffle_lanes as matmul_shuffle_lanes
 from .lut_rewrite import add_kernel
@@ -96,7 +96,7 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     b, o, oh, ow = plan.candidate.output_shape
     encode, lookup = kernels(plan, consts.table_dtype)
     if plan.lanes:
-        codes_shape = (plan.codebooks, b * image_rows(geometry(plan.candidate, plan.subspace_len), plan.lanes))
+        codes_shape = (packed_codebooks(plan.codebooks), b * image_rows(geometry(plan.candidate, plan.subspace_len), plan.lanes))
     else:
         codes_shape = (b, oh, ow, plan.codebooks)
     codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode_conv"), [x, consts.centroids, consts.sq_norms],

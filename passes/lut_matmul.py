@@ -17,7 +17,7 @@ from ..config import LutConfig
 from ..schedules.lut_encode_linear import encode_linear
 from ..schedules.lut_encode_rows import encode_rows
 from ..schedules.lut_lookup_linear import lookup_add_linear
-from ..schedules.lut_lookup_shuffle import CENTROIDS, lookup_add_shuffle, padded_rows
+from ..schedules.lut_lookup_shuffle import CENTROIDS, lookup_add_shuffle, packed_codebooks, padded_rows
 from ..schedules.lut_lookup_shuffle import shuffle_lanes as target_lanes
 from .find_candidates import Candidate
 from .lut_rewrite import add_kernel
@@ -86,7 +86,7 @@ def emit(bb: relax.BlockBuilder, x: relax.Expr, plan, consts) -> relax.Expr:
     if len(c.input_shape) != 2:
         x = bb.emit(relax.op.reshape(x, (m, d)))
     encode, lookup = kernels(plan, consts.table_dtype)
-    codes_shape = (plan.codebooks, padded_rows(m, plan.lanes)) if plan.lanes else (m, plan.codebooks)
+    codes_shape = (packed_codebooks(plan.codebooks), padded_rows(m, plan.lanes)) if plan.lanes else (m, plan.codebooks)
     codes = bb.emit(relax.call_tir(add_kernel(bb, encode, "lut_encode"), [x, consts.centroids, consts.sq_norms],
                                    relax.TensorType(codes_shape, "uint8")), "lut_codes")
     y = relax.call_tir(add_kernel(bb, lookup, "lut_lookup_add"), [codes, consts.tables, consts.scale, consts.bias],

@@ -2,9 +2,10 @@
 transposed per image: the encoder of the NCHW shuffle lookup-add, TensorIR + NumPy.
 
 Same codes as `lut_encode_conv` (receptive fields split into C = Ci / group sub-spaces of
-V = group*kh*kw elements, first k wins ties), laid out as codes_t uint8 [C, B * HWp]: image
-b's pixel p = oh*OW + ow at column b*HWp + p, HWp = OH*OW rounded up to the shuffle width
-(`lut_lookup_shuffle.padded_rows`), pad columns 0.
+V = group*kh*kw elements, first k wins ties), laid out as codes_t [C, B * HWp]: image b's pixel
+p = oh*OW + ow at column b*HWp + p, HWp = OH*OW rounded up to the shuffle width
+(`lut_lookup_shuffle.padded_rows`), pad columns 0; and packed two per byte on the way out,
+codes_p uint8 [ceil(C / 2), B * HWp] (`lut_lookup_shuffle.pack_codes`).
 
 Codebook by codebook (the parallel loop): the codebook's `group` input channels are copied
 zero-padded ("pad_zero" then "pad": [B, group, H + pads, W + pads], no bounds checks), then its V shifted planes are copied
@@ -12,7 +13,8 @@ into rows-contiguous sub-vector columns ("xt", [V, B, HWp], the im2col of this o
 only: V * B * HWp floats, contiguous loads along ow for stride 1). Then, per float vector of
 pixels, as in `lut_encode_rows`: for each centroid k, V fused multiply-adds against the
 broadcast P[c, k, :], then compare, min and blend into the running (min, argmin), all in
-registers (`lut_encode_rows.schedule_tile`); the codes are stored contiguously.
+registers (`lut_encode_rows.schedule_tile`); the codes are stored contiguously. After all
+codebooks, one vectorized pass packs them.
 
 Knobs: `lut_encode_rows.EncodeKnobs` (row tile, centroid block; `parallel` here is the
 codebook loop; `lut_encode_rows.scheduled_knobs` reads them back); a MetaSchedule design space through the custom rule "lut_encode_conv_rows"
@@ -33,7 +35,7 @@ from tvm.script import tirx as T
 from .conv_patches import ConvGeometry
 from .lut_encode_conv import encode_conv_ref
 from .lut_encode_linear import check_centroids
-from .lut_lookup_shuffle import padded_rows
+from .lut_lookup_shuffle import packed_codebooks, padded_rows
 from .lut_encode_rows import (
     KNOB_ANNOTATION,
     LANES_ANNOTATION,
@@ -59,12 +61,14 @@ def image_rows(geom: ConvGeometry, shuffle_lanes: int) -> int:
 
 def encode_conv_rows(geom: ConvGeometry, centroids: int, shuffle_lanes: int) -> tirx.PrimFunc:
     """(x f32 [B, Ci, H, W], centroids f32 [C, K, V], centroid_sq_norms f32 [C, K])
-    -> codes_t uint8 [C, B * HWp] (`image_rows`); `shuffle_lanes` bytes per shuffle of the
-    target (32 AVX2, 64 AVX-512): float vectors are shuffle_lanes / 4 wide.
+    -> codes_p uint8 [ceil(C / 2), B * HWp] (`image_rows`; `pack_codes` of the codes);
+    `shuffle_lanes` bytes per shuffle of the target (32 AVX2, 64 AVX-512): float vectors are
+    shuffle_lanes / 4 wide.
 
     Blocks under the codebook loop: "pad_zero", "pad", "xt", "xt_pad" (zero sub-vectors in the pad
     pixels), then per vector of pixels "dot" (reduction over V), "nearest" (the first argmin
-    over k, annotated with the schedule rule) and "codes_t".
+    over k, annotated with the schedule rule) and "codes_t" (uint8 [C, B * HWp]); after it
+    "codes_p" (two codebooks per byte, low nibble first; 0 past C).
     """
     check_centroids(geom.codebooks, centroids)
     lanes = float_lanes(shuffle_lanes)
@@ -84,9 +88,10 @@ def encode_conv_rows(geom: ConvGeometry, centroids: int, shuffle_lanes: int) -> 
         x: T.Buffer((i64(b_n), i64(ci_n), i64(h_n), i64(w_n)), "float32"),
         p: T.Buffer((i64(c_n), i64(k_n), i64(v_n)), "float32"),
         pn: T.Buffer((i64(c_n), i64(k_n)), "float32"),
-        codes_t: T.Buffer((i64(c_n), i64(rows_p)), "uint8"),
+        codes_p: T.Buffer((i64(packed_codebooks(c_n)), i64(rows_p)), "uint8"),
     ):
         T.func_attr({"tirx.noalias": True})
+        codes_t = T.sblock_alloc_buffer((i64(c_n), i64(rows_p)), "uint8")
         xp = T.sblock_alloc_buffer((i64(b_n), i64(ci_n), i64(hp), i64(wp)), "float32")
         xt = T.sblock_alloc_buffer((i64(c_n), i64(v_n), i64(b_n), i64(hwp)), "float32")
         dot = T.sblock_alloc_buffer((i64(c_n), i64(k_n), i64(rows_p)), "float32")
@@ -140,12 +145,20 @@ def encode_conv_rows(geom: ConvGeometry, centroids: int, shuffle_lanes: int) -> 
                     vc, vm = T.axis.remap("SS", [c, m])
                     T.sblock_attr({"schedule_rule": "None"})
                     codes_t[vc, vm] = T.if_then_else(vm % hwp < pixels, T.Cast("uint8", near_i[vc, vm]), T.uint8(0))
+        for j, m in T.grid(i64(packed_codebooks(c_n)), i64(rows_p)):
+            with T.sblock("codes_p"):
+                vj, vm = T.axis.remap("SS", [j, m])
+                T.sblock_attr({"schedule_rule": "None"})
+                codes_p[vj, vm] = codes_t[vj * 2, vm] | T.if_then_else(
+                    vj * 2 + 1 < c_n, codes_t[T.min(vj * 2 + 1, c_n - 1), vm] << T.uint8(4), T.uint8(0)
+                )
 
     return main
 
 
 def encode_conv_rows_ref(x: np.ndarray, centroids: np.ndarray, geom: ConvGeometry, shuffle_lanes: int) -> np.ndarray:
-    """NumPy: x float32 [B, Ci, H, W], centroids [C, K, V] -> codes_t uint8 [C, B * HWp], pad 0."""
+    """NumPy: x float32 [B, Ci, H, W], centroids [C, K, V] -> codes_t uint8 [C, B * HWp], pad
+    0, unpacked: the kernel writes `pack_codes` of it."""
     codes = encode_conv_ref(x, centroids, geom).reshape(geom.batch, -1, geom.codebooks)  # [B, OH*OW, C]
     hwp = image_rows(geom, shuffle_lanes)
     codes_t = np.zeros((geom.codebooks, geom.batch, hwp), np.uint8)
@@ -168,7 +181,7 @@ class _Kernel:
     lanes: int
 
 
-BLOCKS = ("pad_zero", "pad", "xt", "dot", "nearest", "codes_t")  # + "xt_pad" if HWp > OH*OW
+BLOCKS = ("pad_zero", "pad", "xt", "dot", "nearest", "codes_t", "codes_p")  # + "xt_pad" if HWp > OH*OW
 
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
@@ -209,8 +222,13 @@ def apply_knobs(sch: s_tir.Schedule, knobs: EncodeKnobs) -> None:
 
 def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: Factor, parallel: bool) -> None:
     """Codebooks (parallel) -> {copies, vectorized along their innermost loop; row tiles ->
-    `lut_encode_rows.schedule_tile` -> the tile's codes}."""
+    `lut_encode_rows.schedule_tile` -> the tile's codes}; then the packing (parallel over
+    codebook pairs, vectorized)."""
     blocks = kernel.blocks
+    j, m = sch.get_loops(blocks["codes_p"])
+    sch.vectorize(sch.split(m, [None, kernel.lanes * 4])[1])
+    if parallel:
+        sch.parallel(j)
     c, m = sch.get_loops(blocks["codes_t"])
     m_o, m_i = sch.split(m, [None, row_vectors * kernel.lanes])
     v, k_o = schedule_tile(sch, blocks["dot"], blocks["nearest"], m_o, m_i, kernel.lanes, k_block)

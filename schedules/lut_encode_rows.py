@@ -5,8 +5,9 @@ The encoder of the shuffle lookup-add (`lut_lookup_shuffle`), same math as
 
     codes_t[c, m] = argmin_k (Pn[c, k] - 2 * x[m, cV:(c+1)V] . P[c, k])     (0 in pad rows)
 
-x float32 [M, D], centroids P float32 [C, K, V], Pn = ||P[c, k]||^2 float32 [C, K], codes_t
-uint8 [C, rows_padded] (rows contiguous: what the shuffle lookup reads).
+x float32 [M, D], centroids P float32 [C, K, V], Pn = ||P[c, k]||^2 float32 [C, K]; the codes
+leave packed two per byte, codes_p uint8 [ceil(C / 2), rows_padded] (rows contiguous: what the
+shuffle lookup reads, `lut_lookup_shuffle.pack_codes`).
 
 Vectorized across rows, not across centroids: a tile of `row_vectors` float vectors of rows
 (8 rows per AVX2 ymm, 16 per AVX-512 zmm) goes through one codebook at a time. Its V
@@ -15,7 +16,8 @@ centroid k the distances of all rows of the tile are V + 1 fused multiply-adds a
 broadcast scalars P[c, k, :] and Pn[c, k], and a compare, a min and a blend update the running
 (min, argmin) vectors: no horizontal reduction, each broadcast centroid scalar serves the whole tile, and
 all of it stays in registers (the tile's x columns, distances, minima and indices). The
-codes of the tile are then stored contiguously into codes_t.
+codes of the tile are then stored contiguously into codes_t, and packed (codes_p) after the
+tile's last codebook.
 
 Knobs (`EncodeKnobs`): row tile, centroid block, parallel row tiles; a MetaSchedule design
 space through the same custom-rule mechanism as the shuffle lookup (block annotation
@@ -33,7 +35,7 @@ from tvm import s_tir, te, tirx
 from tvm.s_tir.schedule import ExprRV, LoopRV, SBlockRV
 
 from .lut_encode_linear import check_centroids, encode_linear_ref, i64
-from .lut_lookup_shuffle import padded_rows
+from .lut_lookup_shuffle import packed_codebooks, padded_rows
 
 SCHEDULE_RULE = "lut_encode_rows"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
@@ -67,13 +69,13 @@ def _first_min() -> te.CommReducer:
 
 def encode_rows(rows: int, dim: int, codebooks: int, centroids: int, shuffle_lanes: int) -> tirx.PrimFunc:
     """(x f32 [rows, dim], centroids f32 [C, K, V], centroid_sq_norms f32 [C, K])
-    -> codes_t uint8 [C, rows_padded], V = dim / C, rows_padded = `padded_rows(rows,
-    shuffle_lanes)`, pad rows 0; float vectors are shuffle_lanes / 4 wide (8 AVX2, 16
-    AVX-512), kept in the argmin block's annotations.
+    -> codes_p uint8 [ceil(C / 2), rows_padded] (`pack_codes` of the codes), V = dim / C,
+    rows_padded = `padded_rows(rows, shuffle_lanes)`, pad rows 0; float vectors are
+    shuffle_lanes / 4 wide (8 AVX2, 16 AVX-512), kept in the argmin block's annotations.
 
     Blocks: "xt" (x transposed per sub-space: [C, V, rows_padded], pad rows read the last
     row), "dot", "nearest" (the first argmin over k of Pn - 2 dot, annotated with the
-    schedule rule), "codes_t".
+    schedule rule), "codes_t" (uint8 [C, rows_padded]), "codes_p" (`pack_block`).
     """
     check_centroids(codebooks, centroids)
     if dim % codebooks:
@@ -102,11 +104,27 @@ def encode_rows(rows: int, dim: int, codebooks: int, centroids: int, shuffle_lan
         lambda c, m: tirx.if_then_else(m <= last, index[c, m].astype("uint8"), tirx.const(0, "uint8")),
         name="codes_t",
     )
-    return te.create_prim_func([x, p, pn, codes_t])
+    return te.create_prim_func([x, p, pn, pack_block(codes_t)])
+
+
+def pack_block(codes_t: te.Tensor) -> te.Tensor:
+    """codes_p[j, m] = codes_t[2j, m] | codes_t[2j + 1, m] << 4 (0 past C): uint8 [C, R] ->
+    uint8 [ceil(C / 2), R]."""
+    codebooks, rows = (int(d) for d in codes_t.shape)
+    last = tirx.IntImm("int64", codebooks - 1)
+
+    def high(j, m):
+        if codebooks % 2 == 0:
+            return codes_t[2 * j + 1, m] << tirx.const(4, "uint8")
+        odd = codes_t[tirx.min(2 * j + 1, last), m] << tirx.const(4, "uint8")
+        return tirx.if_then_else(2 * j + 1 <= last, odd, tirx.const(0, "uint8"))
+
+    return te.compute(i64(packed_codebooks(codebooks), rows), lambda j, m: codes_t[2 * j, m] | high(j, m), name="codes_p")
 
 
 def encode_rows_ref(x: np.ndarray, centroids: np.ndarray, rows_padded: int) -> np.ndarray:
-    """NumPy: x float32 [M, D], centroids [C, K, V] -> codes_t uint8 [C, rows_padded] (pad rows 0)."""
+    """NumPy: x float32 [M, D], centroids [C, K, V] -> codes_t uint8 [C, rows_padded] (pad
+    rows 0), unpacked: the kernel writes `pack_codes` of it."""
     codes_t = np.zeros((len(centroids), rows_padded), np.uint8)
     codes_t[:, : len(x)] = encode_linear_ref(x, centroids).T
     return codes_t
@@ -166,6 +184,7 @@ class _Kernel:
     dot: SBlockRV
     nearest: SBlockRV
     codes: SBlockRV
+    packed: SBlockRV
     rows: int
     rows_padded: int
     dim: int
@@ -179,6 +198,9 @@ def _kernel(sch: s_tir.Schedule, nearest: SBlockRV) -> _Kernel | None:
     if len(producers) != 1 or len(consumers) != 1:
         return None
     dot, codes = producers[0], consumers[0]
+    packed = sch.get_consumers(codes)
+    if len(packed) != 1:
+        return None
     xt = [b for b in sch.get_producers(dot) if sch.get(b).name_hint == "xt"]
     if len(xt) != 1:
         return None
@@ -187,7 +209,7 @@ def _kernel(sch: s_tir.Schedule, nearest: SBlockRV) -> _Kernel | None:
     centroids = int(sch.get(dot).writes[0].source.shape[1])
     rows, dim = (int(d) for d in x.shape)
     lanes = int(sch.get(nearest).annotations[LANES_ANNOTATION])
-    return _Kernel(xt[0], dot, nearest, codes, rows, rows_padded, dim, v_len, centroids, lanes)
+    return _Kernel(xt[0], dot, nearest, codes, packed[0], rows, rows_padded, dim, v_len, centroids, lanes)
 
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
@@ -250,11 +272,13 @@ def schedule_tile(
 
 def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: Factor, parallel: bool) -> None:
     """Row tiles (parallel) -> codebooks -> {xt: V row vectors (a strided gather);
-    `schedule_tile`; the tile's codes}. `k_block` may be a sampled variable (MetaSchedule):
-    the loop structure does not depend on its value."""
+    `schedule_tile`; the tile's codes} -> the tile's packed codes. `k_block` may be a sampled
+    variable (MetaSchedule): the loop structure does not depend on its value."""
     c, m = sch.get_loops(kernel.codes)
     m_o, m_i = sch.split(m, [None, row_vectors * kernel.lanes])
     sch.reorder(m_o, c, m_i)
+    sch.reverse_compute_at(kernel.packed, m_o)
+    sch.vectorize(sch.get_loops(kernel.packed)[-1])
     v, k_o = schedule_tile(sch, kernel.dot, kernel.nearest, c, m_i, kernel.lanes, k_block)
     sch.compute_at(kernel.xt, c)
     v_x, m_x = sch.get_loops(kernel.xt)[-2:]

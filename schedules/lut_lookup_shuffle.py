@@ -14,21 +14,23 @@ it up for a whole vector of rows at once (32 rows per 2 shuffles with AVX2 ymm, 
 AVX-512BW zmm: `lanes`), indexed by the codes of codebook c for those rows.
 
 Layouts (made once: at compile time, or by the encoder):
-- codes_t uint8 [C, rows_padded]: codes transposed (rows contiguous), rows_padded = rows
-  rounded up to `lanes` (`padded_rows`). Pad codes may be any byte (VPSHUFB reads only bits
-  0-3 and 7 of an index byte; pad rows are computed and never stored);
-  `lut_encode_rows.encode_rows` writes this layout (0 in pad rows).
-  Conv form (written by `lut_encode_conv_rows.encode_conv_rows`): codes_t uint8 [C, B * padded_rows(P, lanes)], each image's pixels padded
-  separately, image b's pixel p in column b * padded_rows(P, lanes) + p: no row vector holds
-  pixels of two images, so each vector's results go to one contiguous run of one output plane.
+- codes_p uint8 [C2, rows_padded], C2 = ceil(C / 2): 4-bit codes packed two per byte (codebook
+  2j in the low nibble, 2j + 1 in the high one, 0 past C; `pack_codes`), transposed (rows
+  contiguous), rows_padded = rows rounded up to `lanes` (`padded_rows`). Pad rows may hold any
+  byte (their sums are computed and never stored); `lut_encode_rows.encode_rows` writes this
+  layout (0 in pad rows). Conv form (written by `lut_encode_conv_rows.encode_conv_rows`):
+  codes_p uint8 [C2, B * padded_rows(P, lanes)], each image's pixels padded separately, image
+  b's pixel p in column b * padded_rows(P, lanes) + p: no row vector holds pixels of two
+  images, so each vector's results go to one contiguous run of one output plane.
 - tables_l uint8 [N, C, lanes] (`shuffle_tables`): T[c, :, n] + 128 (0..255), repeated in every
   128-bit lane (N*C*lanes bytes: 2x the int8 tables with AVX2, 4x with AVX-512). Column-major
   ([N, C, ...]) so that the tables of a column tile are contiguous: with [C, N, lanes] the C
   tables of one column sit N*lanes bytes apart, a multiple of 4 KiB, all in one L1 set (that
   layout ran 2x slower).
 
-Exact sums in uint16 without widening instructions: the kernel first makes index =
-uint16(codes) | 0x8000 (once, [C, rows_padded]). Seen as bytes, each 16-bit word is (code,
+Exact sums in uint16 without widening instructions: the kernel first unpacks index =
+uint16(code) | 0x8000 (once per call, [C, rows_padded]: the nibbles are unpacked there, not
+in the shuffle loop, whose two shuffle pipes are its bound). Seen as bytes, each 16-bit word is (code,
 0x80), and VPSHUFB writes 0 for an index byte with bit 7 set, so VPSHUFB(table, index words of
 `lanes / 2` rows) returns T + 128 of those rows already zero-extended to uint16. Per `lanes`
 lookups: two shuffles and two VPADDW. (Sign-extending int8 shuffle results instead costs a
@@ -129,16 +131,34 @@ def shuffle_tables(tables: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(np.tile(biased, (1, 1, lanes // CENTROIDS)))
 
 
-def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> tirx.PrimFunc:
-    """Linear form (`images` None): (codes_t uint8 [C, rows_padded], tables_l uint8 [N, C, lanes]
-    from `shuffle_tables`, scale f32 [N], bias f32 [N]) -> out f32 [rows, N]; rows_padded =
-    `padded_rows(rows, lanes)`.
+def packed_codebooks(codebooks: int) -> int:
+    """C2: bytes of packed codes per row (two 4-bit codes per byte)."""
+    return -(-codebooks // 2)
 
-    Conv form (`images` = B >= 1, `rows` = OH * OW pixels per image): codes_t uint8 [C, B *
+
+def pack_codes(codes_t: np.ndarray) -> np.ndarray:
+    """uint8 [C, R] (codes in bits 0-3; higher bits are dropped) -> uint8 [C2, R]: codebook 2j
+    in the low nibble of row j, 2j + 1 in the high one (0 past C)."""
+    nibbles = np.zeros((2 * packed_codebooks(len(codes_t)), codes_t.shape[1]), np.uint8)
+    nibbles[: len(codes_t)] = codes_t & 15
+    return nibbles[0::2] | nibbles[1::2] << 4
+
+
+def unpack_codes(codes_p: np.ndarray, codebooks: int) -> np.ndarray:
+    """uint8 [C2, R] -> uint8 [C, R] (`pack_codes` inverted)."""
+    return np.stack([codes_p & 15, codes_p >> 4], 1).reshape(-1, codes_p.shape[1])[:codebooks]
+
+
+def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int, images: int | None = None) -> tirx.PrimFunc:
+    """Linear form (`images` None): (codes_p uint8 [C2, rows_padded] (`pack_codes`), tables_l
+    uint8 [N, C, lanes] from `shuffle_tables`, scale f32 [N], bias f32 [N]) -> out f32 [rows,
+    N]; rows_padded = `padded_rows(rows, lanes)`.
+
+    Conv form (`images` = B >= 1, `rows` = OH * OW pixels per image): codes_p uint8 [C2, B *
     rows_padded] (image b's pixel p in column b * rows_padded + p), same tables, scale and bias
     -> out f32 [B, N, rows] (NCHW, spatial dims flattened).
 
-    Blocks: "index" (uint16 codes | 0x8000), "lookup" (two shuffles: the uint16 lookups of
+    Blocks: "index" (the unpacked uint16 codes | 0x8000), "lookup" (two shuffles: the uint16 lookups of
     one table for one vector of rows), "acc" (their int32 sums over codebooks; the schedule
     sums blocks of codebooks in uint16 first), "out" (offset, float, scale, bias; in the conv
     form one block per row vector and column, so that a row tile's outputs follow from its
@@ -175,7 +195,7 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int, images:
 
     @T.prim_func(s_tir=True)
     def main(
-        codes_t: T.Buffer((i64(codebooks), i64(row_vectors * lanes)), "uint8"),
+        codes_p: T.Buffer((i64(packed_codebooks(codebooks)), i64(row_vectors * lanes)), "uint8"),
         tables_l: T.Buffer((i64(cols), i64(codebooks), i64(lanes)), "uint8"),
         scale: T.Buffer((i64(cols),), "float32"),
         bias: T.Buffer((i64(cols),), "float32"),
@@ -190,7 +210,9 @@ def lookup_add_shuffle(rows: int, codebooks: int, cols: int, lanes: int, images:
             with T.sblock("index"):
                 vc, vm = T.axis.remap("SS", [c, m])
                 T.sblock_attr({"schedule_rule": "None"})
-                index[vc, vm] = T.Cast("uint16", codes_t[vc, vm]) | T.uint16(0x8000)
+                index[vc, vm] = T.Cast("uint16", (codes_p[vc // 2, vm] >> T.Cast("uint8", vc % 2 * 4)) & T.uint8(15)) | T.uint16(
+                    0x8000
+                )
         for r, n, c in T.grid(i64(row_vectors), i64(cols), i64(codebooks)):
             with T.sblock("lookup"):
                 vr, vn, vc = T.axis.remap("SSS", [r, n, c])
@@ -247,10 +269,10 @@ def lookup_add_shuffle_ref(
     codes_t: np.ndarray, tables: np.ndarray, scale: np.ndarray, bias: np.ndarray, rows: int,
     images: int | None = None,
 ) -> np.ndarray:
-    """NumPy: codes_t uint8 [C, >= rows], int8 tables [C, 16, N] (not laid out) -> float32
-    [rows, N]; the integer sums are exact (int32), then float32(sum) * scale + bias.
-    Conv form (`images` = B): codes_t [C, B * rows_padded] (any rows_padded >= rows) ->
-    float32 [B, N, rows]."""
+    """NumPy: codes_t uint8 [C, >= rows] (unpacked: the kernel takes `pack_codes(codes_t)`),
+    int8 tables [C, 16, N] (not laid out) -> float32 [rows, N]; the integer sums are exact
+    (int32), then float32(sum) * scale + bias. Conv form (`images` = B): codes_t [C, B *
+    rows_padded] (any rows_padded >= rows) -> float32 [B, N, rows]."""
     codebooks = tables.shape[0]
     if images is None:
         codes = codes_t[:, :rows]

@@ -31,6 +31,7 @@ from lut_compiler.schedules.lut_encode_rows import (
     knob_space,
     scheduled_knobs,
 )
+from lut_compiler.schedules.lut_lookup_shuffle import pack_codes, packed_codebooks, unpack_codes
 from lut_compiler.target import resolve_target
 
 TARGET = resolve_target("host")
@@ -62,10 +63,18 @@ def _compile(funcs: dict[str, tirx.PrimFunc]):
 
 
 def _encode(lib, name: str, x: np.ndarray, centroids: np.ndarray, padded: int) -> np.ndarray:
-    codes_t = tvm.runtime.empty((len(centroids), padded), "uint8")
+    """The encoder's packed codes, unpacked: uint8 [C, padded]."""
+    codes_p = tvm.runtime.empty((packed_codebooks(len(centroids)), padded), "uint8")
     norms = np.square(centroids).sum(-1)
-    lib[name](*[tvm.runtime.tensor(a) for a in (x, centroids, norms)], codes_t)
-    return codes_t.numpy()
+    lib[name](*[tvm.runtime.tensor(a) for a in (x, centroids, norms)], codes_p)
+    return _unpack(codes_p.numpy(), len(centroids))
+
+
+def _unpack(codes_p: np.ndarray, codebooks: int) -> np.ndarray:
+    """Unpacked codes, checking the packing: a lone last codebook leaves its high nibble 0."""
+    codes_t = unpack_codes(codes_p, codebooks)
+    np.testing.assert_array_equal(pack_codes(codes_t), codes_p)
+    return codes_t
 
 
 def _check(codes_t: np.ndarray, x: np.ndarray, centroids: np.ndarray) -> None:
@@ -195,9 +204,9 @@ def test_conv_every_legal_knob_combination(name):
     assert scheduled_knobs(funcs["default"]) is not None  # LutKernels scheduled it
     lib = _compile(funcs)
     for name in funcs:
-        codes_t = tvm.runtime.empty((geom.codebooks, geom.batch * image_rows(geom, 32)), "uint8")
-        lib[name](*[tvm.runtime.tensor(a) for a in (x, centroids, np.square(centroids).sum(-1))], codes_t)
-        _check_conv(codes_t.numpy(), x, centroids, geom)
+        codes_p = tvm.runtime.empty((packed_codebooks(geom.codebooks), geom.batch * image_rows(geom, 32)), "uint8")
+        lib[name](*[tvm.runtime.tensor(a) for a in (x, centroids, np.square(centroids).sum(-1))], codes_p)
+        _check_conv(_unpack(codes_p.numpy(), geom.codebooks), x, centroids, geom)
 
 
 def test_conv_design_space_and_znver4():

@@ -30,6 +30,8 @@ from lut_compiler.schedules.lut_lookup_shuffle import (
     knob_space,
     lookup_add_shuffle,
     lookup_add_shuffle_ref,
+    pack_codes,
+    packed_codebooks,
     padded_rows,
     scheduled_knobs,
     shuffle_lanes,
@@ -82,12 +84,14 @@ def _compile(funcs: dict[str, tirx.PrimFunc], target=TARGET):
     return compile_funcs(funcs, target)
 
 
-def _run(lib, name: str, codes_t, tables, rows: int, lanes: int, scale=None, bias=None, images=None) -> np.ndarray:
+def _run(lib, name: str, codes_t, tables, rows: int, lanes: int, scale=None, bias=None, images=None,
+         packed: bool = False) -> np.ndarray:
+    """The kernel on codes_t (unpacked uint8 [C, R]; `packed`: already [C2, R])."""
     cols = tables.shape[-1]
     scale = np.ones(cols, "float32") if scale is None else scale
     bias = np.zeros(cols, "float32") if bias is None else bias
     out = tvm.runtime.empty((rows, cols) if images is None else (images, cols, rows), "float32")
-    args = (codes_t, shuffle_tables(tables, lanes), scale, bias)
+    args = (codes_t if packed else pack_codes(codes_t), shuffle_tables(tables, lanes), scale, bias)
     lib[name](*[tvm.runtime.tensor(a) for a in args], out)
     return out.numpy()
 
@@ -268,7 +272,7 @@ def test_conv_reference_is_the_linear_reference_per_image():
 def test_conv_kernel_shapes():
     func = lookup_add_shuffle(49, 9, 8, 32, images=2)
     shapes = [[int(d) for d in p.ty.shape] for p in func.params]
-    assert shapes == [[9, 2 * 64], [8, 9, 32], [8], [8], [2, 8, 49]]  # each image padded to 64 columns
+    assert shapes == [[5, 2 * 64], [8, 9, 32], [8], [8], [2, 8, 49]]  # 9 codes packed in 5 bytes; images padded to 64 columns
     kernel = find_kernel(s_tir.Schedule(func))
     assert kernel.shape == (49, 9, 8, 32, 2)
     assert find_kernel(s_tir.Schedule(lookup_add_shuffle(49, 9, 8, 32))).shape == (49, 9, 8, 32, None)
@@ -341,14 +345,16 @@ def test_conv_pad_columns_do_not_matter():
     rng = _rng("conv pads")
     codes_t, tables = _inputs(rng, rows, codebooks, cols, LANES, images=images)
     expected = _sums(codes_t, tables, rows, images)
-    pads = np.ones(codes_t.shape, bool).reshape(codebooks, images, -1)
+    packed = pack_codes(codes_t)
+    pads = np.ones(packed.shape, bool).reshape(len(packed), images, -1)
     pads[:, :, :rows] = False
-    pads = pads.reshape(codes_t.shape)
+    pads = pads.reshape(packed.shape)
     for fill in (0, 0xFF, 0x8F, rng.integers(0, 256, int(pads.sum()))):
-        filled = codes_t.copy()
+        filled = packed.copy()
         filled[pads] = fill
         for i in range(len(knobs)):
-            np.testing.assert_array_equal(_run(lib, f"k{i}", filled, tables, rows, LANES, images=images), expected)
+            out = _run(lib, f"k{i}", filled, tables, rows, LANES, images=images, packed=True)
+            np.testing.assert_array_equal(out, expected)
 
 
 def _conv_asm(target, lanes: int) -> str:
@@ -426,7 +432,7 @@ def _shuffle_module(rows: int, dim: int, codebooks: int, cols: int, rng):
             lookup = lookup_add_shuffle(rows, codebooks, cols, LANES).without_attr("global_symbol")
             enc, look = bb.add_func(encode, "lut_encode_t"), bb.add_func(lookup, "lut_shuffle")
             args = [x, relax.const(centroids), relax.const(np.square(centroids).sum(-1))]
-            codes_t = bb.emit(relax.call_tir(enc, args, relax.TensorType((codebooks, padded), "uint8")))
+            codes_t = bb.emit(relax.call_tir(enc, args, relax.TensorType((packed_codebooks(codebooks), padded), "uint8")))
             consts = [shuffle_tables(tables, LANES), np.ones(cols, "float32"), np.zeros(cols, "float32")]
             out_type = relax.TensorType((rows, cols), "float32")
             out = bb.emit_output(relax.call_tir(look, [codes_t, *map(relax.const, consts)], out_type))
@@ -487,8 +493,8 @@ def test_metaschedule_samples_the_knobs(tmp_path):
 
 
 def _conv_lookup_module(rows: int, codebooks: int, cols: int, images: int, tables: np.ndarray):
-    """main(codes_t) = the conv-form lookup-add [B, N, rows] with unit scale and zero bias."""
-    codes = relax.Var("codes_t", relax.TensorType((codebooks, images * padded_rows(rows, LANES)), "uint8"))
+    """main(codes_p) = the conv-form lookup-add [B, N, rows] with unit scale and zero bias."""
+    codes = relax.Var("codes_p", relax.TensorType((packed_codebooks(codebooks), images * padded_rows(rows, LANES)), "uint8"))
     bb = relax.BlockBuilder()
     with bb.function("main", [codes]):
         with bb.dataflow():
@@ -523,4 +529,4 @@ def test_metaschedule_samples_the_conv_knobs(tmp_path):
 
     tuned = apply_database(mod, TARGET, str(tmp_path))
     assert scheduled_knobs(tuned["lut_shuffle_conv"]) is not None
-    np.testing.assert_array_equal(_run_module(tuned, codes_t), _sums(codes_t, tables, rows, images))
+    np.testing.assert_array_equal(_run_module(tuned, pack_codes(codes_t)), _sums(codes_t, tables, rows, images))
