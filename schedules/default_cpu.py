@@ -28,6 +28,7 @@ from .lut_encode_conv_rows import schedule_encode_conv_rows
 from .lut_encode_rows import schedule_encode_rows
 from .lut_lookup_linear import schedule_lookup_add
 from .lut_lookup_shuffle import schedule_lookup_add_shuffle
+from .sparse_matmul import schedule_sparse_matmul
 
 _ScheduleError = s_tir.schedule.ScheduleError
 # Loop iterations (multiply-adds, elements) below which waking the thread pool costs more
@@ -532,7 +533,7 @@ class LutKernels(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         lanes = cpu_knobs(target).lanes("float32")
         for schedule in (schedule_lookup_add_shuffle, schedule_encode_rows, schedule_encode_conv_rows, schedule_encode,
-                         schedule_lookup_add):
+                         schedule_lookup_add, schedule_sparse_matmul):
             sch = s_tir.Schedule(func)
             if schedule(sch, lanes, _MIN_PARALLEL_WORK):
                 return sch
