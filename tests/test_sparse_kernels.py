@@ -174,11 +174,12 @@ def test_default_schedule_matches_reference(block):
 
 @pytest.mark.parametrize("images", [None, 2], ids=["linear", "nchw"])
 def test_every_legal_knob_combination(images):
-    n, k, rows, block = 16, 24, 16, (8, 1)
+    n, k, rows, block = 16, 24, 8, (4, 1)
     w = _sparse(n, k, block, 0.4, "grid", (0,), (1,))
     kernel = find_kernel(s_tir.Schedule(sparse_matmul(w, rows, images)))
     grid = knob_space(*kernel.shape).grid()
-    assert {g.n_tile for g in grid} == {1, 2, 4, 8} and {g.parallel for g in grid} == {"rows", "tiles", "none"}
+    assert {g.n_tile for g in grid} == {1, 2, 4} and {g.p_tile for g in grid} == {4, 8}
+    assert {g.parallel for g in grid} == {"rows", "tiles", "none"} and len(grid) == 54
     funcs = {}
     for i, knobs in enumerate(grid):
         sch = s_tir.Schedule(sparse_matmul(w, rows, images))
@@ -213,7 +214,6 @@ def test_pattern_is_in_the_workload_hash():
     assert [p.name for p in fa.params] == ["x", "data", "bias", "y"]
     other_values = to_block_sparse(w_t * 2, (16, 1))  # values are a runtime argument
     assert tvm_ffi.structural_hash(sparse_matmul(other_values, 64, None)) == tvm_ffi.structural_hash(fa)
-    assert tvm.ir.load_json(tvm.ir.save_json(fb)).same_as(fb) is False
     assert tvm_ffi.structural_equal(tvm.ir.load_json(tvm.ir.save_json(fb)), fb)  # the database's JSON
 
 
