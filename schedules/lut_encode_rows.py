@@ -16,8 +16,8 @@ centroid k the distances of all rows of the tile are V + 1 fused multiply-adds a
 broadcast scalars P[c, k, :] and Pn[c, k], and a compare, a min and a blend update the running
 (min, argmin) vectors: no horizontal reduction, each broadcast centroid scalar serves the whole tile, and
 all of it stays in registers (the tile's x columns, distances, minima and indices). The
-codes of the tile are then stored contiguously into codes_t, and packed (codes_p) after the
-tile's last codebook.
+codes of the tile are then stored contiguously into codes_t; one vectorized pass packs them
+at the end (codes_p).
 
 Knobs (`EncodeKnobs`): row tile, centroid block, parallel row tiles; a MetaSchedule design
 space through the same custom-rule mechanism as the shuffle lookup (block annotation
@@ -272,13 +272,14 @@ def schedule_tile(
 
 def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: Factor, parallel: bool) -> None:
     """Row tiles (parallel) -> codebooks -> {xt: V row vectors (a strided gather);
-    `schedule_tile`; the tile's codes} -> the tile's packed codes. `k_block` may be a sampled
-    variable (MetaSchedule): the loop structure does not depend on its value."""
+    `schedule_tile`; the tile's codes}; then the packing (`shuffle_lanes` bytes per vector).
+    `k_block` may be a sampled variable (MetaSchedule): the loop structure does not depend on
+    its value."""
     c, m = sch.get_loops(kernel.codes)
     m_o, m_i = sch.split(m, [None, row_vectors * kernel.lanes])
     sch.reorder(m_o, c, m_i)
-    sch.reverse_compute_at(kernel.packed, m_o)
-    sch.vectorize(sch.get_loops(kernel.packed)[-1])
+    j, m = sch.get_loops(kernel.packed)
+    sch.vectorize(sch.split(m, [None, kernel.lanes * 4])[1])
     v, k_o = schedule_tile(sch, kernel.dot, kernel.nearest, c, m_i, kernel.lanes, k_block)
     sch.compute_at(kernel.xt, c)
     v_x, m_x = sch.get_loops(kernel.xt)[-2:]
@@ -286,6 +287,7 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_vectors: int, k_block: F
     sch.vectorize(m_x)
     if parallel:  # before the decompositions: `parallel` needs whole reduction blocks
         sch.parallel(m_o)
+        sch.parallel(j)
     sch.decompose_reduction(kernel.dot, v)
     sch.decompose_reduction(kernel.nearest, k_o)
     mark_scheduled(sch, row_vectors, k_block, parallel)
