@@ -89,6 +89,37 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
                    help="sub-space length V (and centroids K) for layers whose name matches REGEX (repeatable)")
 
 
+def parse_block(text: str) -> tuple[int, int]:
+    rows, sep, cols = text.lower().partition("x")
+    if not sep or not rows.isdigit() or not cols.isdigit() or min(int(rows), int(cols)) < 1:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS, e.g. 16x1, got {text!r}")
+    return int(rows), int(cols)
+
+
+def _add_sparse_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sparse kernels (each layer measured dense vs sparse on the target)")
+    g.add_argument("--sparse", action="store_true", help="use block-sparse kernels for weights that are sparse")
+    g.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="prune weights by block magnitude to this share of zero blocks (implies --sparse)")
+    g.add_argument("--sparse-block", type=parse_block, default=(16, 1), metavar="RxC",
+                   help="pruning block, R along the output channels, C along the inputs (default 16x1)")
+    g.add_argument("--sparse-layers", default="all", metavar="all|last:N|REGEX", help="which layers may be sparse")
+    g.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X",
+                   help="keep a layer dense unless its sparse kernel is measured X times faster (default 1.1)")
+
+
+def _sparse_config(args):
+    from .config import SparseConfig
+
+    if not (args.sparse or args.prune is not None):
+        return None
+    try:
+        return SparseConfig(layers=args.sparse_layers, sparsity=args.prune, block=args.sparse_block,
+                            min_speedup=args.sparse_min_speedup)
+    except ValueError as err:
+        raise _usage(str(err)) from None
+
+
 def _lut_config(args):
     from .config import Budget, LearnConfig, LutConfig
 
@@ -126,6 +157,7 @@ def _config(args, default_trials: int):
         weight_prepack=not getattr(args, "no_prepack", False),
         dump_ir=getattr(args, "dump_ir", None),
         lut=_lut_config(args) if getattr(args, "lut", False) else None,
+        sparse=_sparse_config(args) if hasattr(args, "sparse") else None,
     )
 
 
@@ -142,16 +174,16 @@ def cmd_compile(args) -> None:
     if out.exists() and not out.is_dir():
         raise _usage(f"output {out} exists and is not a directory")
     config = _config(args, default_trials=0)
-    if args.calib and not config.lut:
-        raise _usage("--calib is only used with --lut")
+    if args.calib and not (config.lut or (config.sparse and config.sparse.sparsity is not None)):
+        raise _usage("--calib is only used with --lut or --prune")
     needs_lut = [flag for flag, used in (("--lut-learn", args.lut_learn), ("--max-drop", args.max_drop is not None),
                                           ("--min-cosine", args.min_cosine is not None)) if used]
     if needs_lut and not config.lut:
         raise _usage(f"{needs_lut[0]} is only used with --lut")
     labels = None
     if args.labels:
-        if not config.lut:
-            raise _usage("--labels is only used with --lut")
+        if not args.calib:
+            raise _usage("--labels is only used with --calib")
         labels = _load_labels(args.labels)
     model = lut_compiler.compile(args.model, config, target=args.target, progress=not args.quiet,
                                  calibration=args.calib, labels=labels)
@@ -163,6 +195,10 @@ def cmd_compile(args) -> None:
         from .lut_report import format_report
 
         print(format_report(model.record["lut"]))
+    if model.record.get("sparse"):
+        from .sparse import format_report as format_sparse
+
+        print(format_sparse(model.record["sparse"]))
     print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
 
 
@@ -179,7 +215,7 @@ def _load_labels(path: str):
 
 def cmd_tune(args) -> None:
     from .onnx_import import import_onnx
-    from .pipeline import legalize
+    from .lowering import legalize
     from .target import resolve_target
     from .tuning import tune
 
@@ -258,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prepack", action="store_true", help="keep weight layouts as in the model")
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each phase into DIR")
     _add_lut_args(p, with_data=True)
+    _add_sparse_args(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="tune a model's kernels into the database (no artifact)")

@@ -9,6 +9,17 @@ from dataclasses import dataclass, field
 CONFIG_VERSION = 1
 
 
+def check_layers(layers: str) -> None:
+    """A layer selection: "all", "last:N" or a regular expression on layer names."""
+    if layers != "all" and not layers.startswith("last:"):
+        try:
+            re.compile(layers)
+        except re.error as err:
+            raise ValueError(f"layers pattern {layers!r} is not a regular expression: {err}") from None
+    elif layers.startswith("last:") and not layers[5:].isdigit():
+        raise ValueError(f"layers must be all, last:N or a regex, got {layers!r}")
+
+
 @dataclass
 class TuneConfig:
     """MetaSchedule budget and the on-disk database that makes tuning reusable.
@@ -147,13 +158,40 @@ class LutConfig:
             raise ValueError(f"sub-space sizes must be >= 1, got {sizes}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.layers != "all" and not self.layers.startswith("last:"):
-            try:
-                re.compile(self.layers)
-            except re.error as err:
-                raise ValueError(f"layers pattern {self.layers!r} is not a regular expression: {err}") from None
-        elif self.layers.startswith("last:") and not self.layers[5:].isdigit():
-            raise ValueError(f"layers must be all, last:N or a regex, got {self.layers!r}")
+        check_layers(self.layers)
+
+
+@dataclass
+class SparseConfig:
+    """Block-sparse kernels for layers whose weights are sparse (or pruned by the compiler).
+
+    layers: "all" eligible layers, "last:N" or a regex on layer names.
+    sparsity: prune each selected weight by block magnitude to this share of zero blocks
+        (None: no pruning; only weights already sparse in the model are candidates).
+    block: (rows along N, columns along K) of a pruning block; with no pruning the weight's
+        own block structure is detected (`sparse_format.detect_block`).
+    min_sparsity: weights with fewer zero blocks than this stay dense without a measurement.
+    min_speedup: a layer becomes sparse only if its sparse kernel is measured at least this
+        much faster than its dense one on the target (LIBXSMM's margin: 1.1).
+    """
+
+    layers: str = "all"
+    sparsity: float | None = None
+    block: tuple[int, int] = (16, 1)
+    min_sparsity: float = 0.5
+    min_speedup: float = 1.1
+
+    def __post_init__(self) -> None:
+        self.block = tuple(self.block)
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if len(self.block) != 2 or min(self.block) < 1:
+            raise ValueError(f"block must be two sizes >= 1, got {self.block}")
+        if not 0.0 <= self.min_sparsity < 1.0:
+            raise ValueError(f"min_sparsity must be in [0, 1), got {self.min_sparsity}")
+        if self.min_speedup <= 0:
+            raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
+        check_layers(self.layers)
 
 
 @dataclass
@@ -164,6 +202,8 @@ class CompileConfig:
     weight_prepack: let tuned kernels choose a weight layout, folded at compile time.
     dump_ir: directory that receives the IR after each phase (for debugging).
     lut: the lookup-add rewrite (needs calibration data); None keeps every layer dense.
+    sparse: block-sparse kernels for sparse (or pruned) weights, chosen per layer by
+        measurement; runs after the lookup-add rewrite, on the layers it left dense.
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -171,6 +211,7 @@ class CompileConfig:
     weight_prepack: bool = True
     dump_ir: str | None = None
     lut: LutConfig | None = None
+    sparse: SparseConfig | None = None
     version: int = CONFIG_VERSION
 
     def to_json(self) -> dict:
@@ -187,6 +228,8 @@ class CompileConfig:
         data["input_shapes"] = {k: tuple(v) for k, v in data.get("input_shapes", {}).items()}
         if data.get("lut") is not None:
             data["lut"] = LutConfig(**data["lut"])
+        if data.get("sparse") is not None:
+            data["sparse"] = SparseConfig(**data["sparse"])
         return cls(**data)
 
 

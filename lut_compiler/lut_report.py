@@ -28,12 +28,11 @@ def _logits(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[1] > 1
 
 
-def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str) -> dict:
-    """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples.
-
-    task: "classification", "embedding", or "auto" (classification when labels are given).
-    """
-    classify = task == "classification" or (task == "auto" and result.labels is not None)
+def compare_outputs(compiled, onnx_model: onnx.ModelProto, samples: list, classify: bool,
+                    labels: np.ndarray | None = None) -> dict:
+    """``compiled`` (a CompiledModel) against ONNX Runtime on ``samples`` (feeds): per output
+    SQNR and mean cosine (and top-1 agreement of logits when ``classify``); with integer
+    ``labels`` [S, batch], the accuracy of both models on the first logits output."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -42,35 +41,48 @@ def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str
     names = [o.name for o in compiled.outputs]
     refs: dict[str, list] = {n: [] for n in names}
     gots: dict[str, list] = {n: [] for n in names}
-    for i in result.held_out:
-        feeds = result.samples[i]
+    for feeds in samples:
         for name, ref in zip(names, session.run(names, feeds)):
             refs[name].append(ref)
         for name, got in compiled.run(feeds).items():
             gots[name].append(got)
-    stacked = {n: (np.stack(refs[n]), np.stack(gots[n])) for n in names}  # [held-out, *output shape]
+    stacked = {n: (np.stack(refs[n]), np.stack(gots[n])) for n in names}  # [samples, *output shape]
     outputs = []
     for name, (ref, got) in stacked.items():
         row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(_cosine(ref, got), 5)}
         if classify and _logits(ref.shape[1:]):
             row["top1_agreement"] = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
         outputs.append(row)
+    report = {"samples": len(samples), "outputs": outputs}
+    classifier = next((n for n, (ref, _) in stacked.items() if classify and _logits(ref.shape[1:])), None)
+    if labels is not None and classifier is not None:
+        ref, got = (a.argmax(-1) for a in stacked[classifier])
+        report["accuracy"] = {"output": classifier, "fp32": round(float(np.mean(ref == labels)), 4),
+                              "model": round(float(np.mean(got == labels)), 4)}
+    return report
+
+
+def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str) -> dict:
+    """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples.
+
+    task: "classification", "embedding", or "auto" (classification when labels are given).
+    """
+    classify = task == "classification" or (task == "auto" and result.labels is not None)
+    labels = result.labels[result.held_out] if result.labels is not None else None
+    agreement = compare_outputs(compiled, onnx_model, [result.samples[i] for i in result.held_out], classify, labels)
     report = {
         "held_out_samples": len(result.held_out),
         "measured_on_calibration": result.measured_on_calibration,
         "calibration_rows_per_layer": result.calibration_rows,
         "flops_replaced": _flops_share(result),
         "layers": [_layer_row(p, result) for p in result.plans],
-        "outputs": outputs,
+        "outputs": agreement["outputs"],
     }
     if result.refined is not None:
         report.update({k: v for k, v in result.refined.items() if v})
-    classifier = next((n for n, (ref, _) in stacked.items() if classify and _logits(ref.shape[1:])), None)
-    if result.labels is not None and classifier is not None:
-        truth = result.labels[result.held_out]
-        ref, got = (a.argmax(-1) for a in stacked[classifier])
-        report["accuracy"] = {"output": classifier, "fp32": round(float(np.mean(ref == truth)), 4),
-                              "lut": round(float(np.mean(got == truth)), 4)}
+    if "accuracy" in agreement:
+        accuracy = agreement["accuracy"]
+        report["accuracy"] = {"output": accuracy["output"], "fp32": accuracy["fp32"], "lut": accuracy["model"]}
     return report
 
 

@@ -1,9 +1,11 @@
 """``compile``: the pipeline as one sequence of named phases.
 
 import (ONNX -> Relax) -> lut (optional: calibrate, learn codebooks, rewrite layers into
-encode + lookup-add) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
+encode + lookup-add) -> sparse (optional: prune or detect sparse weights, measure sparse vs
+dense per layer, rewrite the winners) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
 optional) -> schedule (tuned records, default CPU schedules for the rest) -> build
--> evaluate (lookup-add models only: accuracy against the fp32 model).
+-> evaluate (lookup-add or pruned models with calibration data: accuracy against the fp32
+model).
 """
 
 from __future__ import annotations
@@ -15,52 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import relax
 
 from .artifact import CompiledModel
 from .calibration import CalibrationSource
 from .config import CompileConfig
-from .lut import apply_lut
-from .lut_report import evaluate
+from .calibration import load_samples
+from .lut import apply_lut, labels_per_sample
+from .lut_report import compare_outputs, evaluate
 from .onnx_import import ModelSource, import_onnx
-from .schedules.default_cpu import default_schedule_pass
+from .sparse import apply_sparse
+from .sparse import report as sparse_report
 from .target import describe, resolve_target
-from .tuning import apply_database, tune
+from .lowering import legalize, schedule
+from .tuning import tune
 
 
-def legalize(mod: tvm.IRModule, target: tvm.target.Target, weight_prepack: bool) -> tvm.IRModule:
-    """Relax ops -> fused TIR kernels (the stock tuning flow's front half)."""
-    passes = [
-        relax.transform.DecomposeOpsForInference(),
-        relax.transform.CanonicalizeBindings(),
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    if weight_prepack:  # tuned kernels may then pick a weight layout
-        passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
-
-
-def schedule(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str, weight_prepack: bool) -> tvm.IRModule:
-    """Tuned schedules from the database, constant weight layouts folded, defaults for the rest."""
-    mod = apply_database(mod, target, work_dir)
-    passes = []
-    if weight_prepack:
-        passes += [
-            relax.transform.SplitLayoutRewritePreproc(),
-            relax.transform.LiftTransformParams(),
-            relax.transform.FoldConstant(),
-        ]
-    passes.append(default_schedule_pass(target))
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
-
-
-PHASES = ("import", "lut", "legalize", "tune", "schedule", "build", "evaluate")
+PHASES = ("import", "lut", "sparse", "legalize", "tune", "schedule", "build", "evaluate")
 
 
 class _Phases:
@@ -95,7 +67,9 @@ def compile(  # noqa: A001 - the public verb
     Inputs must have static shapes, or be bound in ``config.input_shapes``. With
     ``config.lut``, ``calibration`` samples (see ``calibration.load_samples``) train the
     codebooks and the held-out ones measure accuracy; integer ``labels`` (one per output
-    row of every sample) add task accuracy. The report lands in ``record["lut"]``.
+    row of every sample) add task accuracy. The report lands in ``record["lut"]``. With
+    ``config.sparse``, the per-layer decisions land in ``record["sparse"]`` (and, for pruned
+    weights with ``calibration``, the model's agreement with fp32 on those samples).
     """
     config = config or CompileConfig()
     target = resolve_target(target)
@@ -108,6 +82,12 @@ def compile(  # noqa: A001 - the public verb
         with phases.phase("lut"):
             mod, lut = apply_lut(imported, config.lut, calibration, target, labels, progress)
         phases.dump("lut", mod)
+    sparse = None
+    if config.sparse is not None:
+        with phases.phase("sparse"):
+            mod, decisions = apply_sparse(mod, imported.weight_users, config.sparse, target, config.tune, progress)
+        sparse = sparse_report(decisions)
+        phases.dump("sparse", mod)
     with phases.phase("legalize"):
         mod = legalize(mod, target, config.weight_prepack)
     phases.dump("legalize", mod)
@@ -127,9 +107,15 @@ def compile(  # noqa: A001 - the public verb
         "source_sha256": imported.sha256,
         "phases": phases.seconds,
         "tuning": report.to_json() if report else None,
+        "sparse": sparse,
     }
     compiled = CompiledModel(executable, imported.inputs, imported.outputs, record)
     if lut is not None:
         with phases.phase("evaluate"):
             record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task)
+    elif sparse is not None and calibration is not None and config.sparse.sparsity is not None:
+        with phases.phase("evaluate"):  # pruning changed the model: how much, on the calibration samples
+            samples = load_samples(calibration, imported.inputs)
+            labels = labels_per_sample(labels, len(samples)) if labels is not None else None
+            sparse["accuracy"] = compare_outputs(compiled, imported.onnx_model, samples, labels is not None, labels)
     return compiled

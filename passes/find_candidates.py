@@ -8,6 +8,7 @@ for convolutions), when it broadcasts along the output channels only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,3 +172,14 @@ def find_candidates(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | Non
             candidate.bias_var = users[0][0].name if candidate.bias is not None else None
         found.append(candidate)
     return found
+
+
+def select(eligible: list[Candidate], layers: str) -> set[str]:
+    """Vars of the candidates a selection picks: "all", "last:N" (program order) or a regex
+    searched in layer names."""
+    if layers == "all":
+        return {c.var for c in eligible}
+    if layers.startswith("last:"):
+        n = int(layers[5:])
+        return {c.var for c in eligible[len(eligible) - n:]} if n else set()
+    return {c.var for c in eligible if re.search(layers, c.name)}

@@ -21,7 +21,7 @@ from ..schedules.lut_lookup_conv import lookup_add_conv
 from ..schedules.lut_lookup_shuffle import lookup_add_shuffle, packed_codebooks
 from .find_candidates import Candidate
 from .lut_matmul import shuffle_lanes as matmul_shuffle_lanes
-from .lut_rewrite import add_kernel
+from .call_rewrite import add_kernel
 
 
 def default_subspace_len(c: Candidate, cfg: LutConfig) -> int:

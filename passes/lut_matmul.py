@@ -20,7 +20,7 @@ from ..schedules.lut_lookup_linear import lookup_add_linear
 from ..schedules.lut_lookup_shuffle import CENTROIDS, lookup_add_shuffle, packed_codebooks, padded_rows
 from ..schedules.lut_lookup_shuffle import shuffle_lanes as target_lanes
 from .find_candidates import Candidate
-from .lut_rewrite import add_kernel
+from .call_rewrite import add_kernel
 
 
 def default_subspace_len(c: Candidate, cfg: LutConfig) -> int:

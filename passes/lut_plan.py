@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..config import LutConfig
 from . import lut_conv2d, lut_matmul
-from .find_candidates import Candidate
+from .find_candidates import Candidate, select
 
 # op -> the rewrite rule that knows its eligibility, sub-spaces and replacement.
 RULES = {"matmul": lut_matmul, "conv2d": lut_conv2d}
@@ -62,20 +62,11 @@ def _eligibility(c: Candidate, cfg: LutConfig) -> tuple[str | None, int, int]:
     return rule.check(c, v), v, k
 
 
-def _selected(eligible: list[Candidate], pattern: str) -> set[str]:
-    if pattern == "all":
-        return {c.var for c in eligible}
-    if pattern.startswith("last:"):
-        n = int(pattern[5:])
-        return {c.var for c in eligible[len(eligible) - n:]} if n else set()
-    return {c.var for c in eligible if re.search(pattern, c.name)}
-
-
 def plan_layers(candidates: list[Candidate], cfg: LutConfig) -> list[LayerPlan]:
     """A plan per candidate, in program order; ``cfg.layers`` picks among the eligible ones."""
     checked = [(c, *_eligibility(c, cfg)) for c in candidates]
     eligible = [c for c, reason, _, _ in checked if reason is None]
-    chosen = _selected(eligible, cfg.layers)
+    chosen = select(eligible, cfg.layers)
     plans = []
     for c, reason, v, k in checked:
         codebooks = RULES[c.op].codebooks(c, v) if reason is None else 0

@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from lut_compiler.errors import TargetError
-from lut_compiler.pipeline import legalize
+from lut_compiler.lowering import legalize
 from lut_compiler.schedules.default_cpu import default_schedule_pass
 from lut_compiler.target import detect_host, resolve_target
 

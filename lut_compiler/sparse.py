@@ -1,0 +1,199 @@
+"""The sparse phase of ``compile``: pick layers with sparse (or pruned) weights, measure their
+block-sparse kernel against the dense one on the target, rewrite the ones that win.
+
+    module --find_candidates--> matmul/conv2d calls with constant weights
+        --prune_magnitude (SparseConfig.sparsity) or detect_block--> BlockSparse W^T
+        --measure: the layer alone, dense vs sparse, same schedules/tuning as the model-->
+        --rewrite_sparse--> module with sparse_matmul calls where sparse was >= min_speedup faster
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import tvm
+from tqdm import tqdm
+from tvm import relax
+
+from .config import SparseConfig, TuneConfig
+from .lowering import legalize, schedule
+from .onnx_import import WeightUser
+from .passes.find_candidates import Candidate, find_candidates, select
+from .passes.sparse_rewrite import SparseLayer, check, rewrite_sparse, weight_t
+from .schedules.default_cpu import cpu_knobs
+from .sparse_format import detect_block, prune_magnitude, to_block_sparse
+from .tuning import tune
+
+
+@dataclass
+class SparseDecision:
+    """One matmul/conv2d: its block structure and the measured times (ms) when measured."""
+
+    name: str
+    op: str
+    weight: str  # shape, e.g. "384x1536"
+    flops: int
+    block: str | None = None  # "16x1"
+    sparsity: float | None = None  # share of zero blocks (after pruning)
+    pruned: bool = False
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    sparse: bool = False
+    reason: str = ""
+
+    @property
+    def speedup(self) -> float | None:
+        return self.dense_ms / self.sparse_ms if self.dense_ms and self.sparse_ms else None
+
+
+def _layer(c: Candidate, cfg: SparseConfig) -> tuple[SparseLayer | None, SparseDecision]:
+    decision = SparseDecision(c.name, c.op, "x".join(map(str, c.weight_shape)) or "?", c.flops)
+    reason = check(c)
+    if reason is not None:
+        decision.reason = reason
+        return None, decision
+    w_t = weight_t(c)
+    block = cfg.block if cfg.sparsity is not None else detect_block(w_t)
+    if w_t.shape[0] % block[0] or w_t.shape[1] % block[1]:
+        decision.reason = f"block {block[0]}x{block[1]} does not divide W^T {w_t.shape[0]}x{w_t.shape[1]}"
+        return None, decision
+    if cfg.sparsity is not None:
+        w_t, decision.pruned = prune_magnitude(w_t, cfg.sparsity, block), True
+    weight = to_block_sparse(w_t, block)
+    decision.block, decision.sparsity = f"{block[0]}x{block[1]}", round(1.0 - weight.density, 4)
+    if decision.sparsity < cfg.min_sparsity:
+        decision.reason = f"{decision.sparsity:.0%} zero blocks < min_sparsity {cfg.min_sparsity:.0%}"
+        return None, decision
+    bias = c.bias if c.bias is not None else np.zeros(weight.shape[0], np.float32)
+    return SparseLayer(c, weight, bias), decision
+
+
+def _dense_module(layer: SparseLayer) -> tvm.IRModule:
+    """The layer alone as a dense call: its (pruned) weight, then the bias add."""
+    c = layer.candidate
+    x = relax.Var("x", relax.TensorType(c.input_shape, "float32"))
+    w_t = layer.weight.dense()
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if c.op == "matmul":
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(w_t.T))))
+                y = relax.op.add(y, relax.const(layer.bias))
+            else:
+                a = c.conv
+                y = bb.emit(relax.op.nn.conv2d(x, relax.const(w_t.reshape(c.weight_shape)), a.strides, a.padding,
+                                               a.dilation))
+                y = relax.op.add(y, relax.const(layer.bias.reshape(1, -1, 1, 1)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _sparse_module(layer: SparseLayer, lanes: int) -> tvm.IRModule:
+    x = relax.Var("x", relax.TensorType(layer.candidate.input_shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(layer.emit(bb, x, lanes))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How a layer is timed: `rounds` alternating dense/sparse, each ~`seconds` long."""
+
+    rounds: int = 5
+    seconds: float = 0.05
+
+
+def _build(mod: tvm.IRModule, target: tvm.target.Target, tune_cfg: TuneConfig) -> relax.VirtualMachine:
+    mod = legalize(mod, target, weight_prepack=False)
+    if tune_cfg.trials_per_task > 0:
+        tune(mod, target, tune_cfg, progress=False)
+    mod = schedule(mod, target, tune_cfg.work_dir, weight_prepack=False)
+    return relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+
+
+def measure(layer: SparseLayer, target: tvm.target.Target, tune_cfg: TuneConfig,
+            cfg: MeasureConfig = MeasureConfig()) -> tuple[float, float, float]:
+    """(dense ms, sparse ms, max |sparse - dense| / max |dense|) of the layer alone on random
+    inputs, both tuned with `tune_cfg` (or default schedules), timed in alternating rounds
+    (median). The error checks the sparse kernel against the dense computation."""
+    vms = [_build(_dense_module(layer), target, tune_cfg),
+           _build(_sparse_module(layer, cpu_knobs(target).lanes("float32")), target, tune_cfg)]
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(layer.candidate.input_shape).astype("float32"))
+    outputs = [vm["main"](x).numpy() for vm in vms]
+    error = float(np.abs(outputs[1] - outputs[0]).max() / max(np.abs(outputs[0]).max(), 1e-30))
+    timers = []
+    for vm in vms:
+        once = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=3)(x).median
+        timers.append(vm.time_evaluator("main", tvm.cpu(), number=max(1, int(cfg.seconds / max(once, 1e-7)))))
+    times = [[], []]
+    for _ in range(cfg.rounds):
+        for i, timer in enumerate(timers):
+            times[i].append(timer(x).mean)
+    dense, sparse = (float(np.median(t)) * 1e3 for t in times)
+    return dense, sparse, error
+
+
+def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, cfg: SparseConfig,
+                 target: tvm.target.Target, tune_cfg: TuneConfig, progress: bool = True,
+                 measure_cfg: MeasureConfig = MeasureConfig()) -> tuple[tvm.IRModule, list[SparseDecision]]:
+    """Rewrite the selected layers whose sparse kernel is measured >= cfg.min_speedup faster."""
+    candidates = find_candidates(mod, weight_users)
+    checked = [(c, *_layer(c, cfg)) for c in candidates]
+    chosen = select([c for c, layer, _ in checked if layer is not None], cfg.layers)
+    rewritten = []
+    measured = [(c, layer, d) for c, layer, d in checked if layer is not None and c.var in chosen]
+    for c, layer, d in checked:
+        if layer is not None and c.var not in chosen:
+            d.reason = f"not selected (layers={cfg.layers})"
+    for c, layer, d in tqdm(measured, desc="sparse vs dense", unit="layer", disable=not progress, leave=False):
+        dense_ms, sparse_ms, error = measure(layer, target, tune_cfg, measure_cfg)
+        if error > 1e-4:
+            raise AssertionError(f"sparse kernel of {c.name} differs from the dense layer by {error:.2e} (relative)")
+        d.dense_ms, d.sparse_ms = round(dense_ms, 4), round(sparse_ms, 4)
+        d.sparse = d.speedup >= cfg.min_speedup
+        if d.sparse:
+            rewritten.append(layer)
+        else:
+            d.reason = f"sparse {d.speedup:.2f}x < min_speedup {cfg.min_speedup}"
+    lanes = cpu_knobs(target).lanes("float32")
+    return rewrite_sparse(mod, rewritten, lanes), [d for _, _, d in checked]
+
+
+def report(decisions: list[SparseDecision]) -> dict:
+    """JSON-able: a row per layer and the share of matmul/conv FLOPs made sparse."""
+    total = sum(d.flops for d in decisions)
+    sparse = sum(d.flops for d in decisions if d.sparse)
+    return {"layers": [{**asdict(d), "speedup": round(d.speedup, 3) if d.speedup else None} for d in decisions],
+            "flops_sparse": round(sparse / max(total, 1), 4)}
+
+
+def format_report(rep: dict) -> str:
+    """The decision table: layer, weight, block, zero blocks, dense and sparse ms, speed-up, choice."""
+    rows = rep["layers"]
+    width = max([len(r["name"]) for r in rows] + [5])
+    lines = [f"{'layer':<{width}} {'op':<7} {'weight':<12} {'block':<6} {'zeros':>6} {'dense ms':>9} {'sparse ms':>9} "
+             f"{'speedup':>7}  decision"]
+    for r in rows:
+        zeros = f"{r['sparsity']:.0%}" if r["sparsity"] is not None else "-"
+        times = [f"{r[k]:.4f}" if r[k] is not None else "-" for k in ("dense_ms", "sparse_ms")]
+        speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        choice = "sparse" + (" (pruned)" if r["pruned"] else "") if r["sparse"] else "dense: " + r["reason"]
+        lines.append(f"{r['name']:<{width}} {r['op']:<7} {r['weight']:<12} {r['block'] or '-':<6} {zeros:>6} "
+                     f"{times[0]:>9} {times[1]:>9} {speedup:>7}  {choice}")
+    lines.append(f"{sum(r['sparse'] for r in rows)} of {len(rows)} layers sparse ({rep['flops_sparse']:.0%} of "
+                 "matmul/conv FLOPs)")
+    if "accuracy" in rep:  # pruned: the model against fp32
+        agreement = rep["accuracy"]
+        lines.append(f"pruned model vs fp32 on {agreement['samples']} calibration samples:")
+        for o in agreement["outputs"]:
+            extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
+            lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
+        if "accuracy" in agreement:
+            a = agreement["accuracy"]
+            lines.append(f"  accuracy ({a['output']}): fp32 {a['fp32']:.1%}, pruned {a['model']:.1%}")
+    return "\n".join(lines)
