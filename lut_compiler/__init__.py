@@ -10,13 +10,16 @@ except AttributeError:  # pragma: no cover - not Linux
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 from .artifact import CompiledModel, load  # noqa: E402
-from .config import PRESETS, CompileConfig, LayerOverride, LearnConfig, LutConfig, TuneConfig  # noqa: E402
+from .config import (  # noqa: E402
+    PRESETS, Budget, CompileConfig, LayerOverride, LearnConfig, LutConfig, SparseConfig, TuneConfig,
+)
 from .errors import LutcError  # noqa: E402
 from .pipeline import compile  # noqa: E402,A004
 from .target import detect_host, resolve_target  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "CompileConfig", "CompiledModel", "LayerOverride", "LearnConfig", "LutConfig", "LutcError", "PRESETS", "TuneConfig",
+    "Budget", "CompileConfig", "CompiledModel", "LayerOverride", "LearnConfig", "LutConfig", "LutcError", "PRESETS",
+    "SparseConfig", "TuneConfig",
     "compile", "detect_host", "load", "resolve_target",
 ]
