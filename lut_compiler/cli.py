@@ -106,16 +106,23 @@ def _add_sparse_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse-layers", default="all", metavar="all|last:N|REGEX", help="which layers may be sparse")
     g.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X",
                    help="keep a layer dense unless its sparse kernel is measured X times faster (default 1.1)")
+    g.add_argument("--prune-finetune", action="store_true",
+                   help="fine-tune the pruned weights by distillation from the fp32 model on --calib (20%% held out)")
+    g.add_argument("--prune-finetune-minutes", type=float, default=10.0, metavar="M",
+                   help="fine-tune time budget (default 10)")
 
 
 def _sparse_config(args):
-    from .config import SparseConfig
+    from .config import LearnConfig, SparseConfig
 
     if not (args.sparse or args.prune is not None):
+        if args.prune_finetune:
+            raise _usage("--prune-finetune is only used with --prune")
         return None
     try:
+        finetune = LearnConfig(minutes=args.prune_finetune_minutes) if args.prune_finetune else None
         return SparseConfig(layers=args.sparse_layers, sparsity=args.prune, block=args.sparse_block,
-                            min_speedup=args.sparse_min_speedup)
+                            min_speedup=args.sparse_min_speedup, finetune=finetune)
     except ValueError as err:
         raise _usage(str(err)) from None
 

@@ -173,6 +173,9 @@ class SparseConfig:
     min_sparsity: weights with fewer zero blocks than this stay dense without a measurement.
     min_speedup: a layer becomes sparse only if its sparse kernel is measured at least this
         much faster than its dense one on the target (LIBXSMM's margin: 1.1).
+    finetune: distill the pruned layers' remaining weights from the fp32 model on the
+        calibration samples (the LUT path's training loop; 20% held out for the report);
+        None: magnitude pruning only. Needs `sparsity`.
     """
 
     layers: str = "all"
@@ -180,9 +183,14 @@ class SparseConfig:
     block: tuple[int, int] = (16, 1)
     min_sparsity: float = 0.5
     min_speedup: float = 1.1
+    finetune: LearnConfig | None = None
 
     def __post_init__(self) -> None:
         self.block = tuple(self.block)
+        if isinstance(self.finetune, dict):
+            self.finetune = LearnConfig(**self.finetune)
+        if self.finetune is not None and self.sparsity is None:
+            raise ValueError("finetune needs sparsity (fine-tuning trains pruned weights)")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
         if len(self.block) != 2 or min(self.block) < 1:

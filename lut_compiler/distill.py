@@ -66,21 +66,34 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
     """Refine `layers` (k-means) on `samples` (training feeds; labels int [S, batch]).
 
     Returns new LutLayers (learned centroids, their tables and scales, same bias) and what
-    the training did: {"epochs", "resumed_from", "seconds", "loss": [per epoch, mean per sample]}."""
+    the training did (`distill`'s stats)."""
+    student = student_view(onnx_model, layers, cfg.train_weights)
+    stats = distill(onnx_model, student, samples, cfg, labels, seed, progress, _layer_names(layers), "learn centroids")
+    learned = [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
+    return learned, stats
+
+
+def distill(onnx_model, student: OnnxModule, samples: list[Feeds], cfg: LearnConfig,
+            labels: np.ndarray | None, seed: int, progress: bool, key: list[str],
+            desc: str) -> dict:
+    """Train the trainable parameters of `student` (a view of `onnx_model` with some nodes
+    replaced) to match the fp32 model on `samples` (`distillation_loss`). `key` names what
+    a checkpoint must match to be resumed.
+
+    Returns {"epochs", "resumed_from", "seconds", "loss": [per epoch, mean per sample]}."""
     torch.manual_seed(seed)
     teacher = OnnxModule(onnx_model).eval()
-    student = student_view(onnx_model, layers, cfg.train_weights)
     inputs = [_tensors(s) for s in samples]
     with torch.no_grad():
         targets = [teacher(**x) for x in inputs]
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    start_epoch = _resume(cfg.checkpoint, student, optimizer, layers)
+    start_epoch = _resume(cfg.checkpoint, student, optimizer, key)
     rng = np.random.default_rng(seed)
     started = time.monotonic()
     deadline = started + cfg.minutes * 60
     losses = []
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="learn centroids", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         total, seen = 0.0, 0
         order = rng.permutation(len(inputs))
@@ -98,13 +111,11 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
         losses.append(round(total / seen, 6))
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         # a partial epoch (out of time) counts as done: the checkpoint holds its steps
-        _save(cfg.checkpoint, student, optimizer, layers, epoch + 1)
+        _save(cfg.checkpoint, student, optimizer, key, epoch + 1)
         if time.monotonic() > deadline:
             break
-    learned = [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
-    stats = {"epochs": start_epoch + len(losses), "resumed_from": start_epoch,
-             "seconds": round(time.monotonic() - started, 1), "loss": losses}
-    return learned, stats
+    return {"epochs": start_epoch + len(losses), "resumed_from": start_epoch,
+            "seconds": round(time.monotonic() - started, 1), "loss": losses}
 
 
 def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:
@@ -117,22 +128,22 @@ def _layer_names(layers: list[LutLayer]) -> list[str]:
     return [f"{layer.plan.candidate.name}:{'x'.join(map(str, layer.centroids.shape))}" for layer in layers]
 
 
-def _save(path: str | None, student: OnnxModule, optimizer, layers: list[LutLayer], epoch: int) -> None:
+def _save(path: str | None, student: OnnxModule, optimizer, key: list[str], epoch: int) -> None:
     if path is None:
         return
-    state = {"epoch": epoch, "layers": _layer_names(layers), "student": student.replaced.state_dict(),
+    state = {"epoch": epoch, "layers": key, "student": student.replaced.state_dict(),
              "optimizer": optimizer.state_dict()}
     tmp = Path(path).with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # never a half-written checkpoint
 
 
-def _resume(path: str | None, student: OnnxModule, optimizer, layers: list[LutLayer]) -> int:
-    """The epoch to start from: a checkpoint of the same layers and codebook shapes is loaded, else 0."""
+def _resume(path: str | None, student: OnnxModule, optimizer, key: list[str]) -> int:
+    """The epoch to start from: a checkpoint with the same key (layers and shapes) is loaded, else 0."""
     if path is None or not Path(path).exists():
         return 0
     state = torch.load(path, weights_only=True)
-    if state.get("layers") != _layer_names(layers):
+    if state.get("layers") != key:
         return 0
     student.replaced.load_state_dict(state["student"])
     optimizer.load_state_dict(state["optimizer"])

@@ -82,11 +82,15 @@ def compile(  # noqa: A001 - the public verb
         with phases.phase("lut"):
             mod, lut = apply_lut(imported, config.lut, calibration, target, labels, progress)
         phases.dump("lut", mod)
-    sparse = None
+    sparse = samples = None
     if config.sparse is not None:
         with phases.phase("sparse"):
-            mod, decisions = apply_sparse(mod, imported.weight_users, config.sparse, target, config.tune, progress)
-        sparse = sparse_report(decisions)
+            if calibration is not None and config.sparse.sparsity is not None:
+                samples = load_samples(calibration, imported.inputs)
+                labels = labels_per_sample(labels, len(samples)) if labels is not None else None
+            mod, result = apply_sparse(mod, imported.weight_users, config.sparse, target, config.tune, progress,
+                                       onnx_model=imported.onnx_model, samples=samples, labels=labels)
+        sparse = sparse_report(result)
         phases.dump("sparse", mod)
     with phases.phase("legalize"):
         mod = legalize(mod, target, config.weight_prepack)
@@ -113,9 +117,9 @@ def compile(  # noqa: A001 - the public verb
     if lut is not None:
         with phases.phase("evaluate"):
             record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task)
-    elif sparse is not None and calibration is not None and config.sparse.sparsity is not None:
-        with phases.phase("evaluate"):  # pruning changed the model: how much, on the calibration samples
-            samples = load_samples(calibration, imported.inputs)
-            labels = labels_per_sample(labels, len(samples)) if labels is not None else None
-            sparse["accuracy"] = compare_outputs(compiled, imported.onnx_model, samples, labels is not None, labels)
+    elif samples is not None:
+        with phases.phase("evaluate"):  # pruning changed the model: how much, on samples fine-tuning never saw
+            held = result.held_out or list(range(len(samples)))
+            sparse["accuracy"] = compare_outputs(compiled, imported.onnx_model, [samples[i] for i in held],
+                                                 labels is not None, labels[held] if labels is not None else None)
     return compiled

@@ -16,14 +16,20 @@ import tvm
 from tqdm import tqdm
 from tvm import relax
 
+from .calibration import split_holdout
 from .config import SparseConfig, TuneConfig
+from .errors import CalibrationError
 from .lowering import legalize, schedule
 from .onnx_import import WeightUser
 from .passes.find_candidates import Candidate, find_candidates, select
 from .passes.sparse_rewrite import SparseLayer, check, rewrite_sparse, weight_t
 from .schedules.default_cpu import cpu_knobs
+from .sparse_finetune import finetune
 from .sparse_format import detect_block, prune_magnitude, to_block_sparse
 from .tuning import tune
+
+
+HOLDOUT = 0.2  # share of the calibration samples the fine-tune leaves for the report
 
 
 @dataclass
@@ -138,10 +144,23 @@ def measure(layer: SparseLayer, target: tvm.target.Target, tune_cfg: TuneConfig,
     return dense, sparse, error
 
 
+@dataclass
+class SparseResult:
+    """What the phase did: a decision per matmul/conv2d, fine-tune stats, held-out samples."""
+
+    decisions: list[SparseDecision]
+    layers: list[SparseLayer]  # the rewritten ones, as compiled
+    finetune: dict | None = None
+    held_out: list[int] | None = None  # sample indices the fine-tune never saw
+
+
 def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, cfg: SparseConfig,
                  target: tvm.target.Target, tune_cfg: TuneConfig, progress: bool = True,
-                 measure_cfg: MeasureConfig = MeasureConfig()) -> tuple[tvm.IRModule, list[SparseDecision]]:
-    """Rewrite the selected layers whose sparse kernel is measured >= cfg.min_speedup faster."""
+                 measure_cfg: MeasureConfig = MeasureConfig(), onnx_model=None, samples: list | None = None,
+                 labels: np.ndarray | None = None) -> tuple[tvm.IRModule, SparseResult]:
+    """Rewrite the selected layers whose sparse kernel is measured >= cfg.min_speedup faster;
+    with cfg.finetune, first fine-tune their pruned weights on `samples` (feeds of
+    `onnx_model`, labels int [S, batch]) with 20% held out."""
     candidates = find_candidates(mod, weight_users)
     checked = [(c, *_layer(c, cfg)) for c in candidates]
     chosen = select([c for c, layer, _ in checked if layer is not None], cfg.layers)
@@ -160,16 +179,27 @@ def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, 
             rewritten.append(layer)
         else:
             d.reason = f"sparse {d.speedup:.2f}x < min_speedup {cfg.min_speedup}"
+    result = SparseResult([d for _, _, d in checked], rewritten)
+    if cfg.finetune is not None and rewritten:
+        if not samples:
+            raise CalibrationError("fine-tuning pruned weights needs calibration data (--calib DATA.npz)")
+        train, result.held_out = split_holdout(samples, HOLDOUT, 0)
+        result.layers, result.finetune = finetune(onnx_model, rewritten, [samples[i] for i in train], cfg.finetune,
+                                                  labels[train] if labels is not None else None, progress=progress)
     lanes = cpu_knobs(target).lanes("float32")
-    return rewrite_sparse(mod, rewritten, lanes), [d for _, _, d in checked]
+    return rewrite_sparse(mod, result.layers, lanes), result
 
 
-def report(decisions: list[SparseDecision]) -> dict:
-    """JSON-able: a row per layer and the share of matmul/conv FLOPs made sparse."""
+def report(result: SparseResult) -> dict:
+    """JSON-able: a row per layer, the share of matmul/conv FLOPs made sparse, fine-tune stats."""
+    decisions = result.decisions
     total = sum(d.flops for d in decisions)
     sparse = sum(d.flops for d in decisions if d.sparse)
-    return {"layers": [{**asdict(d), "speedup": round(d.speedup, 3) if d.speedup else None} for d in decisions],
-            "flops_sparse": round(sparse / max(total, 1), 4)}
+    rep = {"layers": [{**asdict(d), "speedup": round(d.speedup, 3) if d.speedup else None} for d in decisions],
+           "flops_sparse": round(sparse / max(total, 1), 4)}
+    if result.finetune is not None:
+        rep["finetune"] = result.finetune
+    return rep
 
 
 def format_report(rep: dict) -> str:
@@ -187,9 +217,14 @@ def format_report(rep: dict) -> str:
                      f"{times[0]:>9} {times[1]:>9} {speedup:>7}  {choice}")
     lines.append(f"{sum(r['sparse'] for r in rows)} of {len(rows)} layers sparse ({rep['flops_sparse']:.0%} of "
                  "matmul/conv FLOPs)")
+    if "finetune" in rep:
+        run = rep["finetune"]
+        loss = f", loss {run['loss'][0]:.4g} -> {run['loss'][-1]:.4g}" if run["loss"] else ""
+        lines.append(f"fine-tuned the pruned weights: {run['epochs']} epochs in {run['seconds']:.0f} s{loss}")
     if "accuracy" in rep:  # pruned: the model against fp32
         agreement = rep["accuracy"]
-        lines.append(f"pruned model vs fp32 on {agreement['samples']} calibration samples:")
+        where = "held-out" if "finetune" in rep else "calibration"
+        lines.append(f"pruned model vs fp32 on {agreement['samples']} {where} samples:")
         for o in agreement["outputs"]:
             extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
             lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
