@@ -37,25 +37,34 @@ class LayerShape:
     cols: int  # N: output features / channels
     kernel: int = 1
 
-    def write_onnx(self, path: Path) -> None:
+    def weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The seeded layer: W float32 [D, N] (linear) or [N, D, k, k] (conv), bias float32 [N]."""
+        rng = np.random.default_rng(0)
+        if self.kind == "linear":
+            w = rng.standard_normal((self.dim, self.cols)) / np.sqrt(self.dim)
+        else:
+            w = rng.standard_normal((self.cols, self.dim, self.kernel, self.kernel)) / np.sqrt(self.dim * self.kernel**2)
+        return w.astype(np.float32), rng.standard_normal(self.cols).astype(np.float32)
+
+    def write_onnx(self, path: Path, w: np.ndarray | None = None, bias: np.ndarray | None = None) -> None:
+        """The layer as ONNX (MatMul + Add, or Conv with pads k // 2), W and bias as initializers
+        (default: `weights()`)."""
         import onnx
         from onnx import TensorProto, helper, numpy_helper
 
-        rng = np.random.default_rng(0)
+        if w is None or bias is None:
+            w, bias = self.weights()
         if self.kind == "linear":
             x_shape, y_shape = [self.rows, self.dim], [self.rows, self.cols]
-            w = (rng.standard_normal((self.dim, self.cols)) / np.sqrt(self.dim)).astype(np.float32)
             nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
         else:
             x_shape, y_shape = [1, self.dim, self.rows, self.rows], [1, self.cols, self.rows, self.rows]
-            fan_in = self.dim * self.kernel**2
-            w = (rng.standard_normal((self.cols, self.dim, self.kernel, self.kernel)) / np.sqrt(fan_in)).astype(np.float32)
             pad = self.kernel // 2
             nodes = [helper.make_node("Conv", ["x", "W", "b"], ["y"], pads=[pad] * 4)]
         graph = helper.make_graph(
             nodes, self.name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-            [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(self.cols).astype(np.float32), "b")],
+            [numpy_helper.from_array(np.asarray(w, np.float32), "W"), numpy_helper.from_array(np.asarray(bias, np.float32), "b")],
         )
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 

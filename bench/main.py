@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SYSTEMS, BenchConfig, TimingConfig, default_cases
+from .config import DEFAULT_SYSTEMS, SYSTEMS, BenchConfig, TimingConfig, default_cases
 
 DEFAULT_MODELS = ("mlp", "digits_cnn", "minilm")
 QUICK = {"models": ["mlp"], "batch": [1], "trials": 2, "repeat": 3}
@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=128, help="sequence length for minilm (default 128)")
     parser.add_argument("--input-shape", action="append", type=parse_shape_binding, default=[], metavar="NAME=1x128",
                         help="bind an ONNX file's dynamic input dims (repeatable)")
-    parser.add_argument("--systems", type=_list, default=list(SYSTEMS), metavar="A,B",
-                        help=f"subset of {','.join(SYSTEMS)} (default: all; ort is the reference)")
+    parser.add_argument("--systems", type=_list, default=list(DEFAULT_SYSTEMS), metavar="A,B",
+                        help=f"subset of {','.join(SYSTEMS)} (default: all but lutc-sparse; ort is the reference)")
     parser.add_argument("--trials", type=int, default=None, metavar="N",
                         help="MetaSchedule trials per task for tvm-tuned and lutc (default 16)")
     parser.add_argument("--repeat", type=int, default=None, metavar="R",

@@ -7,13 +7,14 @@ system computes at any moment; the order rotates by one system each round.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .cases import PreparedCase, prepare_case
-from .config import REFERENCE, BenchConfig, Case, tuning_dir
-from .report import Row, output_errors
+from .config import REFERENCE, TUNED, BenchConfig, Case, TimingConfig, tuning_dir
+from .report import Row, output_cosine, output_errors
 from .systems import BUILDERS, BuildSpec, Built, open_runner, outputs, timed_block, warm_up
 from .worker import Worker, WorkerError
 
@@ -47,7 +48,7 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
     log(f"  prepared model and inputs in {time.perf_counter() - start:.0f} s")
     built: dict[str, Built] = {}
     for system in cfg.systems:
-        tuned = system in ("tvm-tuned", "lutc", "lutc-lut") and cfg.trials_per_task > 0
+        tuned = system in TUNED and cfg.trials_per_task > 0
         log(f"  building {system}" + (f" ({cfg.trials_per_task} trials per task)" if tuned else ""))
         start = time.perf_counter()
         spec = BuildSpec(
@@ -84,11 +85,57 @@ def _rounds_of(k: int, total: int) -> set[int]:
     return {r for r in range(total) if (r + 1) * k // total > r * k // total}
 
 
-def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: dict[str, Built],
-                  rows: dict[str, Row], log: Log, debug: bool) -> None:
+def time_rounds(workers: dict[str, Worker], timing: TimingConfig, fail: Callable[[str, WorkerError], None],
+                progress: bool = False) -> dict[str, tuple[int, list[float]]]:
+    """Time the systems loaded in ``workers`` (``systems.open_runner``) side by side.
+
+    Per system: warm-up, then the iterations of a ``timing.block_seconds`` block; then
+    ``timing.rounds`` rounds of one timed block per system, the order rotating by one system
+    per round, ``timing.gap_seconds`` apart (slow systems run fewer rounds, see TimingConfig).
+    Returns system -> (iterations per block, seconds per call in each round); a system whose
+    worker fails is passed to ``fail`` and left out.
+    """
     from tqdm import tqdm
 
-    timing = cfg.timing
+    active = dict(workers)
+
+    def drop(system: str, err: WorkerError) -> None:
+        del active[system]
+        fail(system, err)
+
+    per_call = {}
+    for system in list(active):
+        try:
+            per_call[system] = active[system].call(warm_up, timing.warmup_seconds)
+        except WorkerError as err:
+            drop(system, err)
+    iterations = {s: max(1, round(timing.block_seconds / t)) for s, t in per_call.items()}
+    rounds = {}
+    for s, t in per_call.items():
+        fit = int(timing.max_system_seconds // (iterations[s] * t))
+        rounds[s] = _rounds_of(min(timing.rounds, max(timing.min_rounds, fit)), timing.rounds)
+    times: dict[str, list[float]] = {s: [] for s in active}
+    order = list(active)
+    with tqdm(total=sum(len(r) for r in rounds.values()), desc="  timing", unit="block",
+              disable=not progress, leave=False) as bar:
+        for r in range(timing.rounds):
+            shift = r % len(order) if order else 0
+            for system in order[shift:] + order[:shift]:
+                if system not in active or r not in rounds[system]:
+                    continue
+                try:
+                    seconds = active[system].call(timed_block, iterations[system])
+                except WorkerError as err:
+                    drop(system, err)
+                    continue
+                times[system].append(seconds / iterations[system])
+                bar.update()
+                time.sleep(timing.gap_seconds)
+    return {s: (iterations[s], times[s]) for s in active}
+
+
+def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: dict[str, Built],
+                  rows: dict[str, Row], log: Log, debug: bool) -> None:
     input_names = [name for name, _, _ in prepared.inputs]
     output_names = [name for name, _, _ in prepared.outputs]
     workers: dict[str, Worker] = {}
@@ -117,38 +164,14 @@ def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: d
                 drop(system, err)
         if REFERENCE in got:
             for system, values in got.items():
-                rows[system].max_abs_err, rows[system].max_rel_err = output_errors(values, got[REFERENCE])
-        per_call = {}
-        for system in list(workers):
-            try:
-                per_call[system] = workers[system].call(warm_up, timing.warmup_seconds)
-            except WorkerError as err:
-                drop(system, err)
-        iterations = {s: max(1, round(timing.block_seconds / t)) for s, t in per_call.items()}
-        rounds = {}
-        for s, t in per_call.items():
-            fit = int(timing.max_system_seconds // (iterations[s] * t))
-            rounds[s] = _rounds_of(min(timing.rounds, max(timing.min_rounds, fit)), timing.rounds)
-        times: dict[str, list[float]] = {s: [] for s in workers}
-        order = list(workers)
-        with tqdm(total=sum(len(r) for r in rounds.values()), desc="  timing", unit="block",
-                  disable=not cfg.progress, leave=False) as bar:
-            for r in range(timing.rounds):
-                shift = r % len(order) if order else 0
-                for system in order[shift:] + order[:shift]:
-                    if system not in workers or r not in rounds[system]:
-                        continue
-                    try:
-                        seconds = workers[system].call(timed_block, iterations[system])
-                    except WorkerError as err:
-                        drop(system, err)
-                        continue
-                    times[system].append(seconds / iterations[system])
-                    bar.update()
-                    time.sleep(timing.gap_seconds)
-        for system in workers:
-            rows[system].iterations = iterations[system]
-            rows[system].set_times(times[system])
+                row = rows[system]
+                row.max_abs_err, row.max_rel_err = output_errors(values, got[REFERENCE])
+                if math.isfinite(row.max_abs_err):
+                    row.cosine = output_cosine(values, got[REFERENCE])
+        timed = time_rounds(workers, cfg.timing, drop, cfg.progress)
+        for system, (iterations, times) in timed.items():
+            rows[system].iterations = iterations
+            rows[system].set_times(times)
         reference = rows.get(REFERENCE)
         if reference is not None and reference.median_s:
             for row in rows.values():

@@ -26,6 +26,8 @@ class Row:
     ratio_to_ort: median / ORT's median (> 1: slower than ORT).
     max_abs_err: max |output - ORT output| over all outputs, same feeds.
     max_rel_err: max_abs_err / max |ORT output|.
+    cosine: worst over outputs of the mean cosine similarity of output vectors (last axis)
+        to ORT's: the accuracy effect of lossy systems (lookup-add, pruning).
     compile_s: build seconds in this run, tuning excluded; tune_s: tuning seconds
         (from the run that tuned, if tune_cached).
     """
@@ -48,6 +50,7 @@ class Row:
     ratio_to_ort: float | None = None
     max_abs_err: float | None = None
     max_rel_err: float | None = None
+    cosine: float | None = None
     compile_s: float | None = None
     tune_s: float | None = None
     tune_cached: bool = False
@@ -60,6 +63,13 @@ class Row:
             p10, q1, median, q3, p90 = np.percentile(per_round_s, [10, 25, 50, 75, 90])
             self.median_s, self.p10_s, self.q1_s, self.q3_s, self.p90_s = map(float, (median, p10, q1, q3, p90))
             self.min_s = float(min(per_round_s))
+
+
+def output_cosine(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """The lowest over outputs of `lut_report.cosine` (same shapes assumed: check output_errors first)."""
+    from lut_compiler.lut_report import cosine
+
+    return min((cosine(np.asarray(ref), np.asarray(got[name])) for name, ref in reference.items()), default=1.0)
 
 
 def output_errors(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -78,8 +88,8 @@ def output_errors(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) 
 
 # ---- text ------------------------------------------------------------------------------------
 
-COLUMNS = ("model", "shape", "system", "median ms", "p10-p90 ms", "x ORT", "max abs err", "compile s", "tune s",
-           "rounds")
+COLUMNS = ("model", "shape", "system", "median ms", "p10-p90 ms", "x ORT", "max abs err", "cosine", "compile s",
+           "tune s", "rounds")
 
 
 def _ms(seconds: float | None) -> str:
@@ -91,12 +101,14 @@ def _ms(seconds: float | None) -> str:
 
 def _cells(row: Row) -> list[str]:
     if row.status != "ok":
-        return [row.model, row.shape, row.system, "failed", "-", "-", "-", _secs(row.compile_s), _secs(row.tune_s), "-"]
+        return [row.model, row.shape, row.system, "failed", "-", "-", "-", "-", _secs(row.compile_s), _secs(row.tune_s),
+                "-"]
     tune = _secs(row.tune_s) + ("*" if row.tune_cached and row.tune_s is not None else "")
     return [
         row.model, row.shape, row.system, _ms(row.median_s), f"{_ms(row.p10_s)}-{_ms(row.p90_s)}",
         "-" if row.ratio_to_ort is None else f"{row.ratio_to_ort:.2f}",
         "-" if row.max_abs_err is None else f"{row.max_abs_err:.1e}",
+        "-" if row.cosine is None else f"{row.cosine:.4f}",
         _secs(row.compile_s), tune, str(row.rounds),
     ]
 
@@ -132,7 +144,8 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"{meta['config']['trials_per_task']} MetaSchedule trials per task; {meta['config']['timing']['rounds']} "
         f"rounds of ~{meta['config']['timing']['block_seconds']} s blocks per system, order rotating each round. "
         "Latency per inference; x ORT = median / ORT median; "
-        "max abs err = max |output - ORT output| on the same feeds; "
+        "max abs err = max |output - ORT output| on the same feeds; cosine = mean cosine of output vectors "
+        "(last axis) to ORT's, worst output; "
         "tune s marked * was spent in an earlier run (database reused).",
         "",
         "| " + " | ".join(COLUMNS) + " |",

@@ -1,4 +1,4 @@
-"""The four systems: one build function each, and one timed runner for all.
+"""The systems: one build function each, and one timed runner for all.
 
 Build functions run in a fresh worker process per (case, system) and leave an
 artifact on disk (``model.so`` for the TVM systems, the simplified ONNX graph
@@ -19,6 +19,9 @@ calls with ``timed_block``. Every duration is in seconds.
 - ``lutc-lut``: ``lutc`` with every eligible layer rewritten into encode + lookup-add
   (k-means codebooks from the case's calibration inputs; lossy: its error column
   shows by how much).
+- ``lutc-sparse``: ``lutc`` with every matmul/conv weight pruned to 90% sparsity in 16x1
+  blocks by magnitude, each layer kept sparse where measured >= 1.1x faster (lossy: the
+  cosine column shows the pruning's effect, no fine-tune).
 """
 
 from __future__ import annotations
@@ -218,6 +221,7 @@ def build_lutc(spec: BuildSpec) -> Built:
         input_shapes=dict(spec.input_shapes),
         tune=lut_compiler.TuneConfig(trials_per_task=spec.trials_per_task, work_dir=spec.tuning_dir, seed=spec.seed),
         lut=lut_compiler.LutConfig() if lut else None,
+        sparse=lut_compiler.SparseConfig(sparsity=0.9, block=(16, 1)) if spec.system == "lutc-sparse" else None,
     )
     model = lut_compiler.compile(spec.model_path, config, target=spec.target, progress=spec.progress,
                                  calibration=spec.calibration_path if lut else None)
@@ -256,6 +260,7 @@ BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
     "lutc-untuned": build_lutc_untuned,
     "lutc": build_lutc,
     "lutc-lut": build_lutc,
+    "lutc-sparse": build_lutc,
 }
 
 

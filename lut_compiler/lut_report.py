@@ -17,7 +17,8 @@ from .codebooks import snr_db
 from .lut import LutResult
 
 
-def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
+def cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean cosine similarity of the vectors along the last axis of `got` and `ref` (same shape)."""
     ref = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
     got = got.reshape(-1, got.shape[-1]).astype(np.float64)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
@@ -49,7 +50,7 @@ def compare_outputs(compiled, onnx_model: onnx.ModelProto, samples: list, classi
     stacked = {n: (np.stack(refs[n]), np.stack(gots[n])) for n in names}  # [samples, *output shape]
     outputs = []
     for name, (ref, got) in stacked.items():
-        row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(_cosine(ref, got), 5)}
+        row = {"name": name, "sqnr_db": round(snr_db(ref, got), 2), "cosine": round(cosine(ref, got), 5)}
         if classify and _logits(ref.shape[1:]):
             row["top1_agreement"] = round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 4)
         outputs.append(row)
