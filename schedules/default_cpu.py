@@ -24,6 +24,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_cpu_has_features
 
 from .im2col import schedule_im2col
+from .int8_matmul import schedule_int8_matmul
 from .lut_encode_linear import schedule_encode
 from .lut_encode_conv_rows import schedule_encode_conv_rows
 from .lut_encode_rows import schedule_encode_rows
@@ -534,7 +535,7 @@ class LutKernels(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> s_tir.Schedule | None:
         lanes = cpu_knobs(target).lanes("float32")
         for schedule in (schedule_lookup_add_shuffle, schedule_encode_rows, schedule_encode_conv_rows, schedule_encode,
-                         schedule_lookup_add, schedule_sparse_matmul, schedule_im2col):
+                         schedule_lookup_add, schedule_sparse_matmul, schedule_im2col, schedule_int8_matmul):
             sch = s_tir.Schedule(func)
             if schedule(sch, lanes, _MIN_PARALLEL_WORK):
                 return sch
