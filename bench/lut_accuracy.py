@@ -30,7 +30,9 @@ GRID = {
 }
 
 
-def _data(model: str, count: int) -> tuple[dict, np.ndarray | None]:
+def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
+    """`count` real inputs of a zoo model, stacked (digits: test split, with int labels [count];
+    MiniLM: tokenized sentences at seq 128, no labels)."""
     if model == "minilm_pooled":
         return zoo.sample_inputs(model, batch=count, seq=128), None
     feeds, labels = zoo.labelled_data(model, "test")
@@ -38,7 +40,7 @@ def _data(model: str, count: int) -> tuple[dict, np.ndarray | None]:
 
 
 def measure(model: str, layers: str, count: int, table_dtype: str, learn: lut_compiler.LearnConfig | None) -> dict:
-    feeds, labels = _data(model, count)
+    feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
     lut = lut_compiler.LutConfig(layers=layers, table_dtype=table_dtype, learn=learn)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)

@@ -493,7 +493,7 @@ def run(shapes: list[LayerShape], sparsities: list[float], blocks: list[tuple[in
             "shapes": shape_info, "rows": rows, "errors": errors}
 
 
-def _block(text: str) -> tuple[int, int]:
+def parse_block(text: str) -> tuple[int, int]:
     bn, bk = text.lower().split("x")
     return int(bn), int(bk)
 
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES], choices=[s.name for s in SHAPES])
     parser.add_argument("--sparsity", nargs="+", type=float, default=list(SPARSITIES))
-    parser.add_argument("--blocks", nargs="+", type=_block, default=list(BLOCKS), help="bn x bk, e.g. 16x1 1x1")
+    parser.add_argument("--blocks", nargs="+", type=parse_block, default=list(BLOCKS), help="bn x bk, e.g. 16x1 1x1")
     parser.add_argument("--trials", type=int, default=4, help="MetaSchedule trials per task, dense and sparse")
     parser.add_argument("--repeat", type=int, default=TIMING.rounds, help="timed rounds per system and row")
     parser.add_argument("--work-dir", default=".lutc/bench-sparse", help="models, artifacts, tuning databases")

@@ -14,19 +14,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import tvm
 from tqdm import tqdm
-from tvm import relax
 
 from .calibration import split_holdout
 from .config import SparseConfig, TuneConfig
 from .errors import CalibrationError
-from .lowering import legalize, schedule
+from .layer_timing import MeasureConfig, dense_call, layer_module, time_layer
 from .onnx_import import WeightUser
 from .passes.find_candidates import Candidate, find_candidates, select
 from .passes.sparse_rewrite import SparseLayer, check, rewrite_sparse, weight_t
 from .schedules.default_cpu import cpu_knobs
 from .sparse_finetune import finetune
 from .sparse_format import detect_block, prune_magnitude, to_block_sparse
-from .tuning import tune
 
 
 HOLDOUT = 0.2  # share of the calibration samples the fine-tune leaves for the report
@@ -53,7 +51,9 @@ class SparseDecision:
         return self.dense_ms / self.sparse_ms if self.dense_ms and self.sparse_ms else None
 
 
-def _layer(c: Candidate, cfg: SparseConfig) -> tuple[SparseLayer | None, SparseDecision]:
+def sparse_layer(c: Candidate, cfg: SparseConfig) -> tuple[SparseLayer | None, SparseDecision]:
+    """The call's sparse layer (weights pruned when cfg.sparsity is set, else their own
+    block structure), or None with the reason in the decision."""
     decision = SparseDecision(c.name, c.op, "x".join(map(str, c.weight_shape)) or "?", c.flops)
     reason = check(c)
     if reason is not None:
@@ -75,73 +75,17 @@ def _layer(c: Candidate, cfg: SparseConfig) -> tuple[SparseLayer | None, SparseD
     return SparseLayer(c, weight, bias), decision
 
 
-def _dense_module(layer: SparseLayer) -> tvm.IRModule:
-    """The layer alone as a dense call: its (pruned) weight, then the bias add."""
-    c = layer.candidate
-    x = relax.Var("x", relax.TensorType(c.input_shape, "float32"))
-    w_t = layer.weight.dense()
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            if c.op == "matmul":
-                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(w_t.T))))
-                y = relax.op.add(y, relax.const(layer.bias))
-            else:
-                a = c.conv
-                y = bb.emit(relax.op.nn.conv2d(x, relax.const(w_t.reshape(c.weight_shape)), a.strides, a.padding,
-                                               a.dilation))
-                y = relax.op.add(y, relax.const(layer.bias.reshape(1, -1, 1, 1)))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-def _sparse_module(layer: SparseLayer, lanes: int) -> tvm.IRModule:
-    x = relax.Var("x", relax.TensorType(layer.candidate.input_shape, "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            out = bb.emit_output(layer.emit(bb, x, lanes))
-        bb.emit_func_output(out)
-    return bb.get()
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How a layer is timed: `rounds` alternating dense/sparse, each ~`seconds` long."""
-
-    rounds: int = 5
-    seconds: float = 0.05
-
-
-def _build(mod: tvm.IRModule, target: tvm.target.Target, tune_cfg: TuneConfig) -> relax.VirtualMachine:
-    mod = legalize(mod, target, weight_prepack=False)
-    if tune_cfg.trials_per_task > 0:
-        tune(mod, target, tune_cfg, progress=False)
-    mod = schedule(mod, target, tune_cfg.work_dir, weight_prepack=False)
-    return relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
-
-
 def measure(layer: SparseLayer, target: tvm.target.Target, tune_cfg: TuneConfig,
             cfg: MeasureConfig = MeasureConfig()) -> tuple[float, float, float]:
     """(dense ms, sparse ms, max |sparse - dense| / max |dense|) of the layer alone on random
     inputs, both tuned with `tune_cfg` (or default schedules), timed in alternating rounds
     (median). The error checks the sparse kernel against the dense computation."""
-    vms = [_build(_dense_module(layer), target, tune_cfg),
-           _build(_sparse_module(layer, cpu_knobs(target).lanes("float32")), target, tune_cfg)]
-    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(layer.candidate.input_shape).astype("float32"))
-    outputs = [vm["main"](x).numpy() for vm in vms]
-    error = float(np.abs(outputs[1] - outputs[0]).max() / max(np.abs(outputs[0]).max(), 1e-30))
-    timers = []
-    for vm in vms:
-        once = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=3)(x).median
-        timers.append(vm.time_evaluator("main", tvm.cpu(), number=max(1, int(cfg.seconds / max(once, 1e-7)))))
-    times = [[], []]
-    for _ in range(cfg.rounds):
-        for i, timer in enumerate(timers):
-            times[i].append(timer(x).mean)
-    dense, sparse = (float(np.median(t)) * 1e3 for t in times)
-    return dense, sparse, error
+    c, lanes = layer.candidate, cpu_knobs(target).lanes("float32")
+    mods = {"dense": layer_module(c.input_shape, dense_call(c, layer.weight.dense(), layer.bias)),
+            "sparse": layer_module(c.input_shape, lambda bb, x: layer.emit(bb, x, lanes))}
+    ms, out = time_layer(mods, c.input_shape, target, tune_cfg, cfg)
+    error = float(np.abs(out["sparse"] - out["dense"]).max() / max(np.abs(out["dense"]).max(), 1e-30))
+    return ms["dense"], ms["sparse"], error
 
 
 @dataclass
@@ -151,7 +95,7 @@ class SparseResult:
     decisions: list[SparseDecision]
     layers: list[SparseLayer]  # the rewritten ones, as compiled
     finetune: dict | None = None
-    held_out: list[int] | None = None  # sample indices the fine-tune never saw
+    held_out: list[int] | None = None  # sample indices for the report, never fine-tuned on
 
 
 def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, cfg: SparseConfig,
@@ -160,15 +104,20 @@ def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, 
                  labels: np.ndarray | None = None) -> tuple[tvm.IRModule, SparseResult]:
     """Rewrite the selected layers whose sparse kernel is measured >= cfg.min_speedup faster;
     with cfg.finetune, first fine-tune their pruned weights on `samples` (feeds of
-    `onnx_model`, labels int [S, batch]) with 20% held out."""
+    `onnx_model`, labels int [S, batch]) but the 20% held out for the report."""
     candidates = find_candidates(mod, weight_users)
-    checked = [(c, *_layer(c, cfg)) for c in candidates]
+    checked = [(c, *sparse_layer(c, cfg)) for c in candidates]
     chosen = select([c for c, layer, _ in checked if layer is not None], cfg.layers)
     rewritten = []
     measured = [(c, layer, d) for c, layer, d in checked if layer is not None and c.var in chosen]
     for c, layer, d in checked:
         if layer is not None and c.var not in chosen:
             d.reason = f"not selected (layers={cfg.layers})"
+    if cfg.min_speedup == 0:  # sparse wherever it can be, unmeasured
+        for _, layer, d in measured:
+            d.sparse, d.reason = True, "min_speedup 0"
+            rewritten.append(layer)
+        measured = []
     for c, layer, d in tqdm(measured, desc="sparse vs dense", unit="layer", disable=not progress, leave=False):
         dense_ms, sparse_ms, error = measure(layer, target, tune_cfg, measure_cfg)
         if error > 1e-4:
@@ -180,10 +129,11 @@ def apply_sparse(mod: tvm.IRModule, weight_users: dict[str, WeightUser] | None, 
         else:
             d.reason = f"sparse {d.speedup:.2f}x < min_speedup {cfg.min_speedup}"
     result = SparseResult([d for _, _, d in checked], rewritten)
+    if samples:
+        train, result.held_out = split_holdout(samples, HOLDOUT, 0)
     if cfg.finetune is not None and rewritten:
         if not samples:
             raise CalibrationError("fine-tuning pruned weights needs calibration data (--calib DATA.npz)")
-        train, result.held_out = split_holdout(samples, HOLDOUT, 0)
         result.layers, result.finetune = finetune(onnx_model, rewritten, [samples[i] for i in train], cfg.finetune,
                                                   labels[train] if labels is not None else None, progress=progress)
     lanes = cpu_knobs(target).lanes("float32")
@@ -223,8 +173,7 @@ def format_report(rep: dict) -> str:
         lines.append(f"fine-tuned the pruned weights: {run['epochs']} epochs in {run['seconds']:.0f} s{loss}")
     if "accuracy" in rep:  # pruned: the model against fp32
         agreement = rep["accuracy"]
-        where = "held-out" if "finetune" in rep else "calibration"
-        lines.append(f"pruned model vs fp32 on {agreement['samples']} {where} samples:")
+        lines.append(f"pruned model vs fp32 on {agreement['samples']} held-out calibration samples:")
         for o in agreement["outputs"]:
             extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
             lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")

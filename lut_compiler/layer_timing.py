@@ -1,0 +1,85 @@
+"""One layer's implementations timed against each other on the target, each compiled alone.
+
+Every implementation is a Relax module ``main(x)`` of the layer (the same input, the same
+output); each is lowered like a model (`lowering`), tuned with the model's budget and
+database, built, and timed in alternating rounds of ~`seconds` blocks (median per round).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .config import TuneConfig
+from .lowering import legalize, schedule
+from .passes.find_candidates import Candidate
+from .tuning import tune
+
+Emit = Callable[[relax.BlockBuilder, relax.Expr], relax.Expr]  # (bb, x) -> the layer's output
+
+
+def layer_module(input_shape: tuple[int, ...], emit: Emit) -> tvm.IRModule:
+    """Relax ``main(x: float32 input_shape)`` computing ``emit(bb, x)``."""
+    x = relax.Var("x", relax.TensorType(input_shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(emit(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def dense_call(c: Candidate, w_t: np.ndarray, bias: np.ndarray) -> Emit:
+    """The candidate's call as stock ops with weight W^T [N, K] and bias [N]: matmul + add,
+    or conv2d (W^T reshaped to OIHW) + add."""
+
+    def emit(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+        if c.op == "matmul":
+            y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(w_t.T, np.float32))))
+            return relax.op.add(y, relax.const(bias.astype(np.float32)))
+        a = c.conv
+        weight = relax.const(np.ascontiguousarray(w_t.reshape(c.weight_shape), np.float32))
+        y = bb.emit(relax.op.nn.conv2d(x, weight, a.strides, a.padding, a.dilation))
+        return relax.op.add(y, relax.const(bias.reshape(1, -1, 1, 1).astype(np.float32)))
+
+    return emit
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How a layer is timed: `rounds` alternating over the implementations, each ~`seconds` long."""
+
+    rounds: int = 5
+    seconds: float = 0.05
+
+
+def build_vm(mod: tvm.IRModule, target: tvm.target.Target, tune_cfg: TuneConfig) -> relax.VirtualMachine:
+    """`mod` legalized, tuned with `tune_cfg` (or default schedules), built, on the CPU."""
+    mod = legalize(mod, target, weight_prepack=False)
+    if tune_cfg.trials_per_task > 0:
+        tune(mod, target, tune_cfg, progress=False)
+    mod = schedule(mod, target, tune_cfg.work_dir, weight_prepack=False)
+    return relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+
+
+def time_layer(mods: dict[str, tvm.IRModule], input_shape: tuple[int, ...], target: tvm.target.Target,
+               tune_cfg: TuneConfig, cfg: MeasureConfig = MeasureConfig()
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Median ms of each implementation on a random float32 input of `input_shape`, and its
+    output on that input (for the caller's correctness check)."""
+    vms = {kind: build_vm(mod, target, tune_cfg) for kind, mod in mods.items()}
+    x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"))
+    outputs = {kind: vm["main"](x).numpy() for kind, vm in vms.items()}
+    timers = {}
+    for kind, vm in vms.items():
+        once = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=3)(x).median
+        timers[kind] = vm.time_evaluator("main", tvm.cpu(), number=max(1, int(cfg.seconds / max(once, 1e-7))))
+    times: dict[str, list[float]] = {kind: [] for kind in vms}
+    for _ in range(cfg.rounds):
+        for kind, timer in timers.items():
+            times[kind].append(timer(x).mean)
+    return {kind: float(np.median(t)) * 1e3 for kind, t in times.items()}, outputs
