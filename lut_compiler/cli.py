@@ -105,11 +105,53 @@ def _add_sparse_args(p: argparse.ArgumentParser) -> None:
                    help="pruning block, R along the output channels, C along the inputs (default 16x1)")
     g.add_argument("--sparse-layers", default="all", metavar="all|last:N|REGEX", help="which layers may be sparse")
     g.add_argument("--sparse-min-speedup", type=float, default=1.1, metavar="X",
-                   help="keep a layer dense unless its sparse kernel is measured X times faster (default 1.1)")
+                   help="keep a layer dense unless its sparse kernel is measured X times faster (default 1.1; "
+                        "0: every selected layer sparse, unmeasured)")
     g.add_argument("--prune-finetune", action="store_true",
                    help="fine-tune the pruned weights by distillation from the fp32 model on --calib (20%% held out)")
     g.add_argument("--prune-finetune-minutes", type=float, default=10.0, metavar="M",
                    help="fine-tune time budget (default 10)")
+
+
+def _add_auto_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("per-layer plan (each layer's options measured on the target, within --max-drop or "
+                             "--min-cosine on --calib)")
+    g.add_argument("--auto", action="store_true",
+                   help="choose dense, sparse or lookup-add per layer: least latency within the accuracy budget")
+    g.add_argument("--auto-kinds", type=lambda t: tuple(k for k in t.split(",") if k), default=("sparse", "lut"),
+                   metavar="sparse,lut", help="options besides dense (default sparse,lut)")
+    g.add_argument("--auto-prune", type=float, metavar="SPARSITY",
+                   help="the sparse option prunes dense weights to this sparsity (--sparse-block blocks); "
+                        "default: only weights that already are sparse")
+    g.add_argument("--auto-layers", default="all", metavar="all|last:N|REGEX", help="which layers get options")
+
+
+def _auto_config(args):
+    from .config import AutoConfig
+
+    if not args.auto:
+        if args.auto_prune is not None:
+            raise _usage("--auto-prune is only used with --auto")
+        return None
+    if args.lut or args.sparse or args.prune is not None:
+        raise _usage("--auto chooses lookup-add and sparse layers itself: drop --lut/--sparse/--prune")
+    if args.max_drop is None and args.min_cosine is None:
+        raise _usage("--auto needs an accuracy budget: --max-drop POINTS or --min-cosine C")
+    try:
+        return AutoConfig(budget=_budget(args), kinds=args.auto_kinds, prune=args.auto_prune, block=args.sparse_block,
+                          lut=_lut_config(args, budget=False), layers=args.auto_layers)
+    except ValueError as err:
+        raise _usage(str(err)) from None
+
+
+def _budget(args):
+    from .config import Budget
+
+    if getattr(args, "max_drop", None) is not None:
+        return Budget("accuracy", args.max_drop)
+    if getattr(args, "min_cosine", None) is not None:
+        return Budget("cosine", args.min_cosine)
+    return None
 
 
 def _sparse_config(args):
@@ -127,22 +169,19 @@ def _sparse_config(args):
         raise _usage(str(err)) from None
 
 
-def _lut_config(args):
-    from .config import Budget, LearnConfig, LutConfig
+def _lut_config(args, budget: bool = True):
+    """LutConfig from the --lut-* options (with the --max-drop/--min-cosine budget unless not `budget`)."""
+    from .config import LearnConfig, LutConfig
 
     try:
-        budget = None
-        if getattr(args, "max_drop", None) is not None:
-            budget = Budget("accuracy", args.max_drop)
-        elif getattr(args, "min_cosine", None) is not None:
-            budget = Budget("cosine", args.min_cosine)
         learn = None
         if getattr(args, "lut_learn", False):
             learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
                                 checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
-                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn, budget=budget)
+                         task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn,
+                         budget=_budget(args) if budget else None)
     except ValueError as err:
         raise _usage(str(err)) from None
 
@@ -165,6 +204,7 @@ def _config(args, default_trials: int):
         dump_ir=getattr(args, "dump_ir", None),
         lut=_lut_config(args) if getattr(args, "lut", False) else None,
         sparse=_sparse_config(args) if hasattr(args, "sparse") else None,
+        auto=_auto_config(args) if hasattr(args, "auto") else None,
     )
 
 
@@ -181,12 +221,12 @@ def cmd_compile(args) -> None:
     if out.exists() and not out.is_dir():
         raise _usage(f"output {out} exists and is not a directory")
     config = _config(args, default_trials=0)
-    if args.calib and not (config.lut or (config.sparse and config.sparse.sparsity is not None)):
-        raise _usage("--calib is only used with --lut or --prune")
-    needs_lut = [flag for flag, used in (("--lut-learn", args.lut_learn), ("--max-drop", args.max_drop is not None),
-                                          ("--min-cosine", args.min_cosine is not None)) if used]
-    if needs_lut and not config.lut:
-        raise _usage(f"{needs_lut[0]} is only used with --lut")
+    if args.calib and not (config.lut or config.auto or (config.sparse and config.sparse.sparsity is not None)):
+        raise _usage("--calib is only used with --lut, --prune or --auto")
+    if args.lut_learn and not (config.lut or config.auto):
+        raise _usage("--lut-learn is only used with --lut or --auto")
+    if (args.max_drop is not None or args.min_cosine is not None) and not (config.lut or config.auto):
+        raise _usage("--max-drop/--min-cosine are only used with --lut or --auto")
     labels = None
     if args.labels:
         if not args.calib:
@@ -206,6 +246,10 @@ def cmd_compile(args) -> None:
         from .sparse import format_report as format_sparse
 
         print(format_sparse(model.record["sparse"]))
+    if model.record.get("auto"):
+        from .auto import format_report as format_auto
+
+        print(format_auto(model.record["auto"]))
     print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
 
 
@@ -302,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after each phase into DIR")
     _add_lut_args(p, with_data=True)
     _add_sparse_args(p)
+    _add_auto_args(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tune", help="tune a model's kernels into the database (no artifact)")

@@ -172,7 +172,8 @@ class SparseConfig:
         own block structure is detected (`sparse_format.detect_block`).
     min_sparsity: weights with fewer zero blocks than this stay dense without a measurement.
     min_speedup: a layer becomes sparse only if its sparse kernel is measured at least this
-        much faster than its dense one on the target (LIBXSMM's margin: 1.1).
+        much faster than its dense one on the target (LIBXSMM's margin: 1.1); 0: every
+        selected layer becomes sparse, nothing is measured (accuracy studies).
     finetune: distill the pruned layers' remaining weights from the fp32 model on the
         calibration samples (the LUT path's training loop; 20% held out for the report);
         None: magnitude pruning only. Needs `sparsity`.
@@ -197,8 +198,51 @@ class SparseConfig:
             raise ValueError(f"block must be two sizes >= 1, got {self.block}")
         if not 0.0 <= self.min_sparsity < 1.0:
             raise ValueError(f"min_sparsity must be in [0, 1), got {self.min_sparsity}")
-        if self.min_speedup <= 0:
-            raise ValueError(f"min_speedup must be > 0, got {self.min_speedup}")
+        if self.min_speedup < 0:
+            raise ValueError(f"min_speedup must be >= 0, got {self.min_speedup}")
+        check_layers(self.layers)
+
+
+@dataclass
+class AutoConfig:
+    """The per-layer plan (`auto`): every selected layer gets the fastest of its
+    implementations, measured alone on the target with the model's tuning budget, such that
+    the summed accuracy costs (each measured alone on validation samples) stay within
+    `budget`; the whole plan is then checked on those samples and tightened until it fits.
+
+    budget: max accuracy drop (points) or min cosine to the fp32 model.
+    kinds: implementations besides dense fp32 (tuned): "sparse" (block-sparse kernel on
+        sparse or pruned weights), "lut" (encode + lookup-add, `lut` codebooks).
+    prune: sparsity the "sparse" option prunes dense weights to, in `block`s (None: only
+        weights that already are sparse get the option).
+    lut: codebook settings of the "lut" option (its `layers` and `budget` are not used).
+    layers: "all", "last:N" or a regex: the layers that get options; the rest stay dense.
+    holdout: share of the calibration samples kept for the final report (never used to
+        fit or choose); validation: share of the rest that measures the accuracy costs.
+    """
+
+    budget: Budget
+    kinds: tuple[str, ...] = ("sparse", "lut")
+    prune: float | None = None
+    block: tuple[int, int] = (16, 1)
+    lut: LutConfig = field(default_factory=LutConfig)
+    layers: str = "all"
+    holdout: float = 0.2
+    validation: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, dict):
+            self.budget = Budget(**self.budget)
+        if isinstance(self.lut, dict):
+            self.lut = LutConfig(**self.lut)
+        self.kinds, self.block = tuple(self.kinds), tuple(self.block)
+        unknown = set(self.kinds) - {"sparse", "lut"}
+        if unknown:
+            raise ValueError(f"unknown implementation kind(s) {sorted(unknown)}; known: sparse, lut")
+        if self.prune is not None and not 0.0 < self.prune < 1.0:
+            raise ValueError(f"prune must be in (0, 1), got {self.prune}")
+        if not 0.0 < self.holdout < 1.0 or not 0.0 < self.validation < 1.0:
+            raise ValueError("holdout and validation must be in (0, 1)")
         check_layers(self.layers)
 
 
@@ -212,6 +256,7 @@ class CompileConfig:
     lut: the lookup-add rewrite (needs calibration data); None keeps every layer dense.
     sparse: block-sparse kernels for sparse (or pruned) weights, chosen per layer by
         measurement; runs after the lookup-add rewrite, on the layers it left dense.
+    auto: the per-layer plan under an accuracy budget (instead of `lut` and `sparse`).
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -220,7 +265,12 @@ class CompileConfig:
     dump_ir: str | None = None
     lut: LutConfig | None = None
     sparse: SparseConfig | None = None
+    auto: AutoConfig | None = None
     version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.auto is not None and (self.lut is not None or self.sparse is not None):
+            raise ValueError("auto chooses lookup-add and sparse layers itself: give auto, or lut/sparse, not both")
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -238,6 +288,8 @@ class CompileConfig:
             data["lut"] = LutConfig(**data["lut"])
         if data.get("sparse") is not None:
             data["sparse"] = SparseConfig(**data["sparse"])
+        if data.get("auto") is not None:
+            data["auto"] = AutoConfig(**data["auto"])
         return cls(**data)
 
 

@@ -61,7 +61,17 @@ class Metric:
             self.targets = [r.argmax(-1) for r in self.reference]
 
     def __call__(self, layers: list[LutLayer]) -> float:
-        model = student_view(self.onnx_model, layers).eval() if layers else None
+        return self.score(student_view(self.onnx_model, layers) if layers else None)
+
+    def of_modules(self, modules: dict[str, torch.nn.Module]) -> float:
+        """The metric with each named ONNX node computed by its module (a PQ layer, a
+        masked sparse layer, ...; `torch_view.OnnxModule`)."""
+        return self.score(OnnxModule(self.onnx_model, modules) if modules else None)
+
+    def score(self, model: OnnxModule | None) -> float:
+        """The metric of `model` (None: the fp32 model)."""
+        if model is not None:
+            model.eval()
         scores = []
         with torch.no_grad():
             for x, ref, target in zip(self.inputs, self.reference, self.targets):

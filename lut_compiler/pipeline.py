@@ -2,10 +2,11 @@
 
 import (ONNX -> Relax) -> lut (optional: calibrate, learn codebooks, rewrite layers into
 encode + lookup-add) -> sparse (optional: prune or detect sparse weights, measure sparse vs
-dense per layer, rewrite the winners) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
+dense per layer, rewrite the winners) -> auto (optional, instead of lut and sparse: every
+layer's options measured, the fastest plan within an accuracy budget) -> legalize (ops -> fused TIR kernels) -> tune (MetaSchedule,
 optional) -> schedule (tuned records, default CPU schedules for the rest) -> build
--> evaluate (lookup-add or pruned models with calibration data: accuracy against the fp32
-model).
+-> evaluate (lookup-add, pruned or planned models with calibration data: accuracy against
+the fp32 model, on held-out samples).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import numpy as np
 import tvm
 
 from .artifact import CompiledModel
+from .auto import apply_auto
+from .auto import report as auto_report
 from .calibration import CalibrationSource
 from .config import CompileConfig
+from .errors import CalibrationError
 from .calibration import load_samples
 from .lut import apply_lut, labels_per_sample
 from .lut_report import compare_outputs, evaluate
@@ -32,7 +36,7 @@ from .lowering import legalize, schedule
 from .tuning import tune
 
 
-PHASES = ("import", "lut", "sparse", "legalize", "tune", "schedule", "build", "evaluate")
+PHASES = ("import", "lut", "sparse", "auto", "legalize", "tune", "schedule", "build", "evaluate")
 
 
 class _Phases:
@@ -70,6 +74,8 @@ def compile(  # noqa: A001 - the public verb
     row of every sample) add task accuracy. The report lands in ``record["lut"]``. With
     ``config.sparse``, the per-layer decisions land in ``record["sparse"]`` (and, for pruned
     weights with ``calibration``, the model's agreement with fp32 on those samples).
+    With ``config.auto``, the plan (and its held-out agreement with fp32) lands in
+    ``record["auto"]``.
     """
     config = config or CompileConfig()
     target = resolve_target(target)
@@ -92,6 +98,13 @@ def compile(  # noqa: A001 - the public verb
                                        onnx_model=imported.onnx_model, samples=samples, labels=labels)
         sparse = sparse_report(result)
         phases.dump("sparse", mod)
+    auto = None
+    if config.auto is not None:
+        if calibration is None:
+            raise CalibrationError("the per-layer plan needs calibration data (--calib DATA.npz)")
+        with phases.phase("auto"):
+            mod, auto = apply_auto(imported, config.auto, calibration, target, config.tune, labels, progress)
+        phases.dump("auto", mod)
     with phases.phase("legalize"):
         mod = legalize(mod, target, config.weight_prepack)
     phases.dump("legalize", mod)
@@ -117,9 +130,16 @@ def compile(  # noqa: A001 - the public verb
     if lut is not None:
         with phases.phase("evaluate"):
             record["lut"] = evaluate(lut, compiled, imported.onnx_model, config.lut.task)
+    elif auto is not None:
+        with phases.phase("evaluate"):
+            record["auto"] = auto_report(auto)
+            held = auto.held_out
+            record["auto"]["accuracy"] = compare_outputs(
+                compiled, imported.onnx_model, [auto.samples[i] for i in held], auto.labels is not None,
+                auto.labels[held] if auto.labels is not None else None)
     elif samples is not None:
         with phases.phase("evaluate"):  # pruning changed the model: how much, on samples fine-tuning never saw
-            held = result.held_out or list(range(len(samples)))
+            held = result.held_out
             sparse["accuracy"] = compare_outputs(compiled, imported.onnx_model, [samples[i] for i in held],
                                                  labels is not None, labels[held] if labels is not None else None)
     return compiled
