@@ -15,10 +15,11 @@ sum_k Xq Wq - 128 colsum = sum_k (Xq - 128) Wq = sum_k round(x / sx) Wq exactly.
 Inner product by ISA (`int8_isa(target)`), a tensor intrinsic over one quad of K and a vector
 of outputs, C[i] += sum_{k < 4} A[k] B[i, k] with A the 4 uint8 of one row (broadcast) and
 B 4 int8 weights for each of the `LANES[isa]` outputs:
-- "vnni" (avx512vnni): `DOT_16x4_VNNI`, one VPDPBUSD zmm (16 outputs x 4 K); TVM's own
-  "dot_16x4_vnni" does not compile with the LLVM 22 of the 0.27 wheel (see below).
-- "avx512bw": TVM's "dot_16x4_avx512", VPMADDUBSW + VPMADDWD (x 1) + VPADDD on zmm.
-- "avx2": `DOT_8x4_AVX2`, the same three on ymm (8 outputs x 4 K).
+- "vnni" (avx512vnni): one VPDPBUSD zmm (16 outputs x 4 K).
+- "avx512bw": VPMADDUBSW + VPMADDWD (x 1) + VPADDD on zmm (16 x 4).
+- "avx2": the same three on ymm (8 x 4).
+(`INTRINSICS`, registered at import: TVM's own VNNI one does not compile with the LLVM 22 of
+the 0.27 wheel, see there.)
 - "generic": no intrinsic: the int32 loop nest, vectorized by LLVM as it can.
 
 Saturation bound: VPMADDUBSW adds two u8 x s8 products into a saturating int16. With weights in
@@ -27,7 +28,7 @@ and 255 * (-64) * 2 = -32640 >= -32768, so no pair saturates and VPMADDWD (x 1, 
 sums pairs exactly. (Full int8: 255 * 127 * 2 = 64770 would saturate.) VPDPBUSD and the
 generic loop accumulate in int32 without an int16 step: full int8 [-128, 127]. The int32 sums
 hold |sum| <= 255 * 128 * K: exact for K < 65793. float32(sum - 128 colsum) is exact while
-|sum_k (Xq - 128) Wq| <= 128 * 128 * K < 2^24 (K <= 1024 with 8-bit weights, K <= 2048
+|sum_k (Xq - 128) Wq| <= 128 * 128 * K <= 2^24 (K <= 1024 with 8-bit weights, K <= 2048
 with 7-bit ones); beyond that it is the correctly rounded float32 of the exact integer.
 
 Layouts (`pack_weights`, once at compile time): Wq [N, K] -> int8 [N_pad / L, K_pad / 4, L,
@@ -54,7 +55,6 @@ The reduction block carries `schedule_rule = "int8_matmul"`: untuned builds get 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,7 +125,7 @@ def _check_images(images: int | None) -> None:
         raise ValueError(f"images must be None (linear form) or an int >= 1 (conv form), got {images!r}")
 
 
-# ---------------------------------------------------------------- the AVX2 intrinsic
+# ---------------------------------------------------------------- tensor intrinsics
 
 
 def _dot_desc(lanes: int) -> tirx.PrimFunc:
@@ -149,28 +149,39 @@ def _dot_desc(lanes: int) -> tirx.PrimFunc:
     return desc
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x4_avx2(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        # The row's 4 bytes in every 32-bit lane; u8 x s8 pairs -> saturating int16 (exact for
-        # 7-bit weights); pairs of int16 -> int32 (x 1). No locals: TVMScript makes each a buffer.
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8), dtype="uint8x32"),
-                B.vload([0, 0], dtype="int8x32"),
-                dtype="int16x16",
-            ),
-            T.int16x16(1),
-            dtype="int32x8",
-        )
+def _dot_pmadd(lanes: int) -> tirx.PrimFunc:
+    """`_dot_desc(lanes)` with VPMADDUBSW + VPMADDWD (x 1) + VPADDD: ymm (8 lanes, AVX2) or
+    zmm (16, AVX-512BW)."""
+    bytes_, pairs = 4 * lanes, 2 * lanes
+    pmaddubsw, pmaddwd = {8: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+                          16: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}[lanes]
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            # The row's 4 bytes in every 32-bit lane; u8 x s8 pairs -> saturating int16 (exact
+            # for 7-bit weights); pairs of int16 -> int32 (x 1). No locals: TVMScript would
+            # make each a buffer.
+            C[T.ramp(T.int32(0), 1, lanes)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(pmaddwd),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(pmaddubsw),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                                  dtype=f"uint8x{bytes_}"),
+                    B.vload([0, 0], dtype=f"int8x{bytes_}"),
+                    dtype=f"int16x{pairs}",
+                ),
+                T.broadcast(T.int16(1), pairs),
+                dtype=f"int32x{lanes}",
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -192,23 +203,17 @@ def _dot_16x4_vnni(
         )
 
 
-DOT_8x4_AVX2 = "int8_matmul.dot_8x4_avx2"
-# TVM 0.27's own "dot_16x4_vnni" passes the bytes as <16 x i32>; the bundled LLVM 22 declares
-# llvm.x86.avx512.vpdpbusd.512 on <64 x i8> and rejects the call ("Call parameter type does
-# not match function signature"), so this file registers its own with the same description.
-DOT_16x4_VNNI = "int8_matmul.dot_16x4_vnni"
-TensorIntrin.register(DOT_8x4_AVX2, _dot_desc(8), _dot_8x4_avx2, override=True)
-TensorIntrin.register(DOT_16x4_VNNI, _dot_desc(16), _dot_16x4_vnni, override=True)
-INTRINSICS = {"vnni": DOT_16x4_VNNI, "avx512bw": "dot_16x4_avx512", "avx2": DOT_8x4_AVX2}
-
-
-def _register_intrinsics(isa: str) -> None:
-    """TVM's x86 intrinsics (its AVX-512BW one) without importing every other target's (the
-    import the tuning module avoids too)."""
-    if isa == "avx512bw" and TensorIntrin.get(INTRINSICS[isa], allow_missing=True) is None:
-        from lut_compiler.tuning import load_cpu_tensor_intrinsics
-
-        load_cpu_tensor_intrinsics(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
+# TVM 0.27 has VNNI and AVX-512BW versions of these (tvm/s_tir/tensor_intrin/x86.py), but its
+# "dot_16x4_vnni" passes the bytes as <16 x i32>, which the bundled LLVM 22 rejects ("Call
+# parameter type does not match function signature": llvm.x86.avx512.vpdpbusd.512 now takes
+# <64 x i8>), and both live in a package whose import parses every target's intrinsics (the
+# tuning module avoids it): replaying a tuned trace (Tensorize by name) in a fresh process
+# would need it. Registered here at import instead, with the same description.
+INTRINSICS = {"vnni": "int8_matmul.dot_16x4_vnni", "avx512bw": "int8_matmul.dot_16x4_avx512bw",
+              "avx2": "int8_matmul.dot_8x4_avx2"}
+TensorIntrin.register(INTRINSICS["vnni"], _dot_desc(16), _dot_16x4_vnni, override=True)
+TensorIntrin.register(INTRINSICS["avx512bw"], _dot_desc(16), _dot_pmadd(16), override=True)
+TensorIntrin.register(INTRINSICS["avx2"], _dot_desc(8), _dot_pmadd(8), override=True)
 
 
 # ---------------------------------------------------------------- layouts and quantizers
@@ -245,6 +250,13 @@ def column_sums(wq: np.ndarray) -> np.ndarray:
     return wq.astype(np.int32).sum(1, dtype=np.int32)
 
 
+def _quantize(x: tirx.Expr, inv_scale: tirx.Expr) -> tirx.Expr:
+    """uint8(clip(round(x * inv_scale), -128, 127) + 128); T.round is LLVM's nearbyint: half
+    to even, as np.round."""
+    q = T.max(T.min(T.round(x * inv_scale), T.float32(127)), T.float32(-128))
+    return T.Cast("uint8", q + T.float32(ZERO_POINT))
+
+
 def quantize_rows(rows: int, k: int) -> tirx.PrimFunc:
     """(x f32 [rows, K], inv_scale f32 [1]) -> xq uint8 [rows, K] = clip(round(x * inv_scale)
     + 128, 0, 255), round half to even (as NumPy). Scheduled by the default rules."""
@@ -260,9 +272,7 @@ def quantize_rows(rows: int, k: int) -> tirx.PrimFunc:
         for m, c in T.grid(i64(rows), i64(k)):
             with T.sblock("quantize"):
                 vm, vc = T.axis.remap("SS", [m, c])
-                xq[vm, vc] = T.Cast(
-                    "uint8", T.max(T.min(T.round(x[vm, vc] * inv_scale[0]), T.float32(127)), T.float32(-128)) + T.float32(128)
-                )
+                xq[vm, vc] = _quantize(x[vm, vc], inv_scale[0])
 
     return main
 
@@ -283,10 +293,7 @@ def quantize_nchw(images: int, k: int, pixels: int) -> tirx.PrimFunc:
         for b, p, c in T.grid(i64(images), i64(pixels), i64(k)):
             with T.sblock("quantize"):
                 vb, vp, vc = T.axis.remap("SSS", [b, p, c])
-                xq[vb * pixels + vp, vc] = T.Cast(
-                    "uint8",
-                    T.max(T.min(T.round(x[vb, vc, vp] * inv_scale[0]), T.float32(127)), T.float32(-128)) + T.float32(128),
-                )
+                xq[vb * pixels + vp, vc] = _quantize(x[vb, vc, vp], inv_scale[0])
 
     return main
 
@@ -451,9 +458,9 @@ def _total_rows(rows: int, images: int | None) -> int:
 
 def knob_space(rows: int, k: int, n: int, isa: str, images: int | None = None) -> KnobSpace:
     """Legality filters: row tiles divide the rows (M, or B * P) and are at most 16; column
-    tiles are 1 to 8 vectors of LANES[isa] outputs dividing N_pad, R x V `tile_fits`; K blocks are K_pad or 128, 256, 512 dividing it ("rows_cols": K_pad
-    only); unroll 1, 2, 4 (they divide every block: K_ALIGN); one thread only below
-    SERIAL_WORK multiply-adds."""
+    tiles are 1 to 8 vectors of LANES[isa] outputs dividing N_pad, R x V `tile_fits`; K
+    blocks are K_pad or 128, 256, 512 dividing it ("rows_cols": K_pad only); unroll 1, 2, 4
+    (they divide every block: K_ALIGN); one thread only below SERIAL_WORK multiply-adds."""
     _check_isa(isa)
     _check_images(images)
     total = _total_rows(rows, images)
@@ -581,7 +588,6 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_tile: int, col_vectors: 
     column tile, K block and unroll may be sampled random variables (MetaSchedule): the loop
     structure, and so the trace, does not depend on their values."""
     lanes = LANES[kernel.isa]
-    _register_intrinsics(kernel.isa)
     if not kernel.padded:
         sch.compute_inline(kernel.pad)
     m, no, nv, kq, k4 = sch.get_loops(kernel.dot)

@@ -253,12 +253,15 @@ def _asm(isa: str, target) -> str:
                        target).mod.inspect_source("asm")
 
 
-def test_assembly_avx2_and_vnni():
+def test_assembly_by_isa():
+    """Compiled only: not every host has AVX-512 or VNNI."""
     avx2 = _asm("avx2", ZNVER3)
     assert re.search(r"vpmaddubsw\s+%ymm\d+, %ymm\d+, %ymm\d+", avx2)
     assert re.search(r"vpmaddwd\s+[^\n]*%ymm", avx2) and "zmm" not in avx2
-    vnni = _asm("vnni", ZNVER4)  # compiled only: not every host has VNNI
+    vnni = _asm("vnni", ZNVER4)
     assert len(re.findall(r"vpdpbusd\s+[^\n]*%zmm", vnni)) >= 16 and "vpmaddubsw" not in vnni
+    avx512bw = _asm("avx512bw", _cpu("skylake-avx512"))
+    assert re.search(r"vpmaddubsw\s+%zmm\d+, %zmm\d+, %zmm\d+", avx512bw) and "vpdpbusd" not in avx512bw
 
 
 # ---------------------------------------------------------------- MetaSchedule
