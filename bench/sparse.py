@@ -281,14 +281,17 @@ def markdown(result: dict) -> str:
             f"| {row['shape']['name']} | {row['block']} | {100 * row['sparsity']:.0f}% | {_ms(sys_.get('ort'))} | "
             f"{_ms(sys_.get('tvm-dense'))} | {_ms(sys_.get('sparse'))} | "
             + " | ".join(f"{up[s]:.2f}" if up[s] else "-" for s in ("ort", "tvm-dense")) + " |")
-    lines += ["", "Break-even sparsity (speed-up 1, interpolated; '-' none up to the highest sparsity measured):", "",
+    lines += ["", "Break-even sparsity (speed-up 1, interpolated; '<= p': already faster at the lowest sparsity "
+              "measured; '-' none up to the highest):", "",
               "| shape | block | vs ORT | vs TVM dense tuned |", "|---|---|---:|---:|"]
     curves = _curves(result["rows"])
     for (name, block) in dict.fromkeys((k[0], k[1]) for k in curves):
         cells = []
         for system in ("ort", "tvm-dense"):
-            p = break_even(curves.get((name, block, system), []))
-            cells.append("-" if p is None else f"{100 * p:.0f}%")
+            points = curves.get((name, block, system), [])
+            p = break_even(points)
+            lowest = min((q for q, s in points if s), default=None)
+            cells.append("-" if p is None else f"<= {100 * p:.0f}%" if p == lowest else f"{100 * p:.0f}%")
         lines.append(f"| {name} | {block} | {' | '.join(cells)} |")
     if result["errors"]:
         lines += ["", "Failures:", ""] + [f"- {e}" for e in result["errors"]]
