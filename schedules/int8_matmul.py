@@ -588,6 +588,8 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_tile: int, col_vectors: 
     column tile, K block and unroll may be sampled random variables (MetaSchedule): the loop
     structure, and so the trace, does not depend on their values."""
     lanes = LANES[kernel.isa]
+    _inline_consumers(sch, kernel.out)
+    others = _other_blocks(sch, kernel)
     if not kernel.padded:
         sch.compute_inline(kernel.pad)
     m, no, nv, kq, k4 = sch.get_loops(kernel.dot)
@@ -619,6 +621,7 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_tile: int, col_vectors: 
     _schedule_output(sch, kernel)
     if kernel.padded:
         _schedule_pad(sch, kernel)
+    _parallel_blocks(sch, others)
 
     root = sch.get_sblock("root")
     sch.annotate(root, "schedule_rule", "None")  # keep MetaSchedule's stock rules off the kernel
@@ -627,6 +630,34 @@ def _schedule(sch: s_tir.Schedule, kernel: _Kernel, row_tile: int, col_vectors: 
                    "parallel": parallel, "lanes": lanes}
     for name, value in annotations.items():
         sch.annotate(root, KNOB_ANNOTATION + name, value)
+
+
+def _inline_consumers(sch: s_tir.Schedule, out: SBlockRV) -> None:
+    """Elementwise ops FuseOps put after the kernel (residual add, activation, ...) inlined
+    into its epilogue, as long as they can be."""
+    while len(consumers := sch.get_consumers(out)) == 1:
+        try:
+            sch.reverse_compute_inline(consumers[0])
+        except s_tir.schedule.ScheduleError:
+            return
+
+
+def _other_blocks(sch: s_tir.Schedule, kernel: _Kernel) -> list[str]:
+    """Names of the root blocks that are not the kernel's (FuseOps' producers, e.g. the
+    quantizer; its consumers are inlined)."""
+    own = [sch.get(b).name_hint for b in (kernel.dot, kernel.pad, kernel.out)]
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    return [name for name in names if name not in own]
+
+
+def _parallel_blocks(sch: s_tir.Schedule, names: list[str]) -> None:
+    """The outer loop of each block in parallel where legal; LLVM vectorizes the rest."""
+    for name in names:
+        loops = sch.get_loops(sch.get_sblock(name))
+        try:
+            sch.parallel(loops[0])
+        except (s_tir.schedule.ScheduleError, IndexError):
+            pass
 
 
 def _schedule_output(sch: s_tir.Schedule, kernel: _Kernel) -> None:

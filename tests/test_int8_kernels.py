@@ -307,6 +307,45 @@ def _module(rows: int, k: int, wq: np.ndarray, scale: np.ndarray, bias: np.ndarr
         return tvm.transform.Sequential(passes)(bb.get())
 
 
+def test_untuned_module_with_quantizer_and_fused_epilogue():
+    """relu(int8_matmul(quantize_rows(x)) + r) as the pipeline builds it: whatever FuseOps
+    puts around the kernel, the untuned build is scheduled and matches the reference."""
+    isa = HOST_ISA
+    rows, k, n = 24, 96, 40
+    rng = _rng("module")
+    wq = _weights(rng, n, k, isa)
+    scale = (rng.random(n) * 1e-3 + 1e-5).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    inv_scale = np.float32(1 / 0.02)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, k), "float32"))
+    r = relax.Var("r", relax.TensorType((rows, n), "float32"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            quantize = bb.add_func(quantize_rows(rows, k).without_attr("global_symbol"), "quantize_rows")
+            xq = bb.emit(relax.call_tir(quantize, [x, relax.const(np.array([inv_scale]))],
+                                        relax.TensorType((rows, k), "uint8")))
+            kernel = bb.add_func(int8_matmul(rows, k, n, isa).without_attr("global_symbol"), "int8_matmul")
+            consts = [pack_weights(wq, isa), column_sums(wq), scale, bias]
+            y = bb.emit(relax.call_tir(kernel, [xq, *map(relax.const, consts)], relax.TensorType((rows, n), "float32")))
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(y, r)))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+              relax.transform.FuseOps(), relax.transform.FuseTIR(), default_schedule_pass(TARGET)]
+    with TARGET:
+        mod = tvm.transform.Sequential(passes)(bb.get())
+    kernels = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and scheduled_knobs(f)]
+    assert len(kernels) == 1
+    xs = (rng.standard_normal((rows, k)) * 1.5).astype(np.float32)
+    rs = rng.standard_normal((rows, n)).astype(np.float32)
+    vm = relax.VirtualMachine(tvm.compile(mod, TARGET), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(rs)).numpy()
+    xq_ref = quantize_ref(xs, inv_scale)
+    expected = np.maximum(int8_matmul_ref(xq_ref, wq, scale, bias) + rs, 0)
+    size = np.abs(xq_ref.astype(np.int64) - 128) @ np.abs(wq.astype(np.int64)).T * scale + np.abs(bias) + np.abs(rs)
+    assert (np.abs(got - expected) <= RTOL * size).all()
+
+
 @pytest.mark.tuning
 def test_metaschedule_tunes_the_kernel(tmp_path):
     isa = HOST_ISA
