@@ -35,7 +35,8 @@ Layouts (`pack_weights`, once at compile time): Wq [N, K] -> int8 [N_pad / L, K_
 4], L = LANES[isa] outputs per intrinsic: the 4 weights of one output and one quad of K
 contiguous, the L outputs of a vector next to each other (one 32- or 64-byte load per quad).
 N_pad = N rounded up to L, K_pad = K rounded up to K_ALIGN (16: a quad times the largest
-unroll), both padded with zero weights. When K < K_pad the kernel copies Xq into an [M, K_pad]
+unroll), both padded with zero weights. When K < K_pad, or when the rows have no divisor for
+a register tile (`padded_rows`: M = 37 -> 40), the kernel copies Xq into an [M_pad, K_pad]
 buffer padded with zeros ("x_pad", once per call); otherwise that block is inlined away.
 
 Loop nest (`Int8Knobs`: row tile R, column tile C = V vectors of L outputs, K block, unroll,
@@ -224,6 +225,15 @@ def padded_k(k: int) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
+def padded_rows(total: int) -> int:
+    """Rows of the sums: the rows (M, or B * P) themselves when at most 8 or when they have a
+    divisor from 4 to 8 (a register tile of 4 to 8 rows), else rounded up to a multiple of 4
+    (37 -> 40, 127 -> 128; the x_pad block adds the zero rows)."""
+    if total <= 8 or any(total % d == 0 for d in range(4, 9)):
+        return total
+    return -(-total // 4) * 4
+
+
 def padded_n(n: int, isa: str) -> int:
     """N of the packed weights: a multiple of the intrinsic's outputs."""
     return -(-n // LANES[isa]) * LANES[isa]
@@ -326,7 +336,7 @@ def int8_matmul(rows: int, k: int, n: int, isa: str, images: int | None = None) 
     i64 = T.int64
     lanes = LANES[isa]
     total = rows * (images or 1)
-    k_pad, n_pad = padded_k(k), padded_n(n, isa)
+    total_pad, k_pad, n_pad = padded_rows(total), padded_k(k), padded_n(n, isa)
     conv = images is not None
     out_shape = (i64(images), i64(n), i64(rows)) if conv else (i64(rows), i64(n))
 
@@ -340,17 +350,19 @@ def int8_matmul(rows: int, k: int, n: int, isa: str, images: int | None = None) 
         y: T.Buffer(out_shape, "float32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        xp = T.sblock_alloc_buffer((i64(total), i64(k_pad)), "uint8")
-        acc = T.sblock_alloc_buffer((i64(total), i64(n_pad)), "int32")
-        for m, c in T.grid(i64(total), i64(k_pad)):
+        xp = T.sblock_alloc_buffer((i64(total_pad), i64(k_pad)), "uint8")
+        acc = T.sblock_alloc_buffer((i64(total_pad), i64(n_pad)), "int32")
+        for m, c in T.grid(i64(total_pad), i64(k_pad)):
             with T.sblock("x_pad"):
                 vm, vc = T.axis.remap("SS", [m, c])
                 T.sblock_attr({"schedule_rule": "None"})
-                if k_pad == k:
+                if k_pad == k and total_pad == total:
                     xp[vm, vc] = x[vm, vc]
                 else:
-                    xp[vm, vc] = T.if_then_else(vc < i64(k), x[vm, T.min(vc, i64(k - 1))], T.uint8(0))
-        for m, no, nv, kq, k4 in T.grid(i64(total), i64(n_pad // lanes), i64(lanes), i64(k_pad // QUAD), i64(QUAD)):
+                    xp[vm, vc] = T.if_then_else(
+                        vm < i64(total) and vc < i64(k), x[T.min(vm, i64(total - 1)), T.min(vc, i64(k - 1))], T.uint8(0)
+                    )
+        for m, no, nv, kq, k4 in T.grid(i64(total_pad), i64(n_pad // lanes), i64(lanes), i64(k_pad // QUAD), i64(QUAD)):
             with T.sblock("dot"):
                 vm, vno, vnv, vkq, vk4 = T.axis.remap("SSSRR", [m, no, nv, kq, k4])
                 T.sblock_attr({"schedule_rule": SCHEDULE_RULE, ISA_ANNOTATION: isa})
@@ -457,13 +469,14 @@ def _total_rows(rows: int, images: int | None) -> int:
 
 
 def knob_space(rows: int, k: int, n: int, isa: str, images: int | None = None) -> KnobSpace:
-    """Legality filters: row tiles divide the rows (M, or B * P) and are at most 16; column
-    tiles are 1 to 8 vectors of LANES[isa] outputs dividing N_pad, R x V `tile_fits`; K
-    blocks are K_pad or 128, 256, 512 dividing it ("rows_cols": K_pad only); unroll 1, 2, 4
-    (they divide every block: K_ALIGN); one thread only below SERIAL_WORK multiply-adds."""
+    """Legality filters: row tiles divide the padded rows (`padded_rows` of M, or of B * P)
+    and are at most 16; column tiles are 1 to 8 vectors of LANES[isa] outputs dividing N_pad,
+    R x V `tile_fits`; K blocks are K_pad or 128, 256, 512 dividing it ("rows_cols": K_pad
+    only); unroll 1, 2, 4 (they divide every block: K_ALIGN); one thread only below
+    SERIAL_WORK multiply-adds."""
     _check_isa(isa)
     _check_images(images)
-    total = _total_rows(rows, images)
+    total = padded_rows(_total_rows(rows, images))
     lanes = LANES[isa]
     vectors = padded_n(n, isa) // lanes
     row_tiles = tuple(r for r in range(1, min(total, 16) + 1) if total % r == 0 and tile_fits(isa, r, 1))
@@ -488,7 +501,7 @@ def default_knobs(rows: int, k: int, n: int, isa: str, images: int | None = None
     tiles = [(r, c) for r in space.row_tiles if r <= max_rows for c in space.col_tiles[r]]
     row_tile, col_tile = max(tiles, key=lambda t: (t[0] * t[1], t[0]))
     k_pad = padded_k(k)
-    work = _total_rows(rows, images) * padded_n(n, isa) * k_pad
+    work = padded_rows(_total_rows(rows, images)) * padded_n(n, isa) * k_pad
     if work < MIN_PARALLEL_WORK and "none" in space.parallels:
         parallel = "none"
     else:
@@ -519,7 +532,9 @@ class _Kernel:
 
     @property
     def padded(self) -> bool:
-        return padded_k(self.k) != self.k
+        """Whether x_pad adds zero columns or rows (else it is a plain copy, inlined)."""
+        total = _total_rows(self.rows, self.images)
+        return padded_k(self.k) != self.k or padded_rows(total) != total
 
 
 def _kernel(sch: s_tir.Schedule, dot: SBlockRV) -> _Kernel | None:

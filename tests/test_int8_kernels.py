@@ -36,6 +36,7 @@ from lut_compiler.schedules.int8_matmul import (
     knob_space,
     pack_weights,
     padded_k,
+    padded_rows,
     quantize_nchw,
     quantize_ref,
     quantize_rows,
@@ -142,6 +143,12 @@ def test_pack_weights_layout(isa):
     np.testing.assert_array_equal(column_sums(wq), wq.astype(np.int64).sum(1))
 
 
+def test_padded_rows():
+    assert [padded_rows(m) for m in range(1, 9)] == list(range(1, 9))  # no padding of tiny M
+    assert [padded_rows(m) for m in (37, 49, 98, 127, 128, 11)] == [40, 49, 98, 128, 128, 12]
+    assert knob_space(37, 64, 32, "avx2").row_tiles == (1, 2, 4, 5, 8, 10)
+
+
 def test_pack_weights_refuses_saturating_weights():
     wq = np.full((8, 8), 64, np.int8)
     for isa in ("avx2", "avx512bw"):
@@ -177,8 +184,9 @@ def test_quantizers_match_reference():
 # ---------------------------------------------------------------- kernels, default schedule
 
 # (rows, K, N, images): K not a multiple of 4 or 16 (padded), N not a multiple of 8 or 16,
-# M = 1, a K with several blocks, conv forms (3x3 pixels, two images of 7x7)
-SHAPES = [(1, 40, 24, None), (7, 33, 13, None), (16, 384, 40, None), (32, 1030, 48, None), (12, 100, 100, None),
+# M = 1, a K with several blocks, M = 37 (padded to 40 rows), conv forms (3x3 pixels, two
+# images of 7x7)
+SHAPES = [(1, 40, 24, None), (7, 33, 13, None), (16, 384, 40, None), (32, 1030, 48, None), (37, 100, 100, None),
           (9, 24, 20, 1), (49, 66, 16, 2)]
 
 
