@@ -26,7 +26,18 @@ def legalize(mod: tvm.IRModule, target: tvm.target.Target, weight_prepack: bool)
     if weight_prepack:  # tuned kernels may then pick a weight layout
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
-        return tvm.transform.Sequential(passes)(mod)
+        mod = tvm.transform.Sequential(passes)(mod)
+    return _keep_fixed_layouts(mod) if weight_prepack else mod
+
+
+def _keep_fixed_layouts(mod: tvm.IRModule) -> tvm.IRModule:
+    """FIXED_LAYOUT kernels without "layout_free_buffers": a tuned layout rewrite of the sparse
+    kernels' block values moves their reads before the pattern tables' DeclBuffers, which
+    then fails to build ("Buffer indptr_t is used before its definition")."""
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs and FIXED_LAYOUT in func.attrs:
+            mod[gv] = func.without_attr("layout_free_buffers")
+    return mod
 
 
 def schedule(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str, weight_prepack: bool) -> tvm.IRModule:

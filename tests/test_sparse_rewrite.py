@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import tvm
 from conftest import ort_run, random_feeds
 from onnx import numpy_helper
 from test_deploy import DEPLOY_SCRIPT
@@ -107,6 +108,30 @@ def test_sparse_artifact_runs_with_plain_tvm(models, target, tmp_path):
     subprocess.run([sys.executable, "-c", DEPLOY_SCRIPT, str(out_dir), str(tmp_path / "feeds.npz"),
                     str(tmp_path / "out.npz")], check=True, cwd=tmp_path, timeout=300)
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["out"], model.run(feeds)["out"])
+
+
+@pytest.mark.tuning
+def test_tuned_sparse_kernels_with_weight_prepack_build_and_match_ort(models, target, tmp_path):
+    """Tuning with weight prepacking (the default) must not rewrite the layout of the sparse
+    kernels' block values: that once moved their reads before the pattern tables and failed
+    to build (MiniLM, 16 trials)."""
+    from lut_compiler.lowering import FIXED_LAYOUT, legalize
+    from lut_compiler.onnx_import import import_onnx
+    from lut_compiler.sparse import apply_sparse
+
+    pruned = _prune_file(models["encoder"], tmp_path / "pruned.onnx", 0.9)
+    imported = import_onnx(str(pruned), {"ids": (2, 12)})
+    mod, _ = apply_sparse(imported.mod, imported.weight_users, SparseConfig(min_speedup=0), target,
+                          lut_compiler.TuneConfig(), progress=False)
+    kernels = [f for f in legalize(mod, target, True).functions.values()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and FIXED_LAYOUT in f.attrs]
+    assert kernels and all("layout_free_buffers" not in f.attrs for f in kernels)
+    pruned = _prune_file(models["mlp"], tmp_path / "pruned_mlp.onnx", 0.9)
+    tune = lut_compiler.TuneConfig(trials_per_task=4, work_dir=str(tmp_path / "tuning"))
+    config = lut_compiler.CompileConfig(input_shapes={"x": (8, 48)}, tune=tune, sparse=SparseConfig(min_speedup=0))
+    model = lut_compiler.compile(str(pruned), config, target=target, progress=False)
+    feeds = random_feeds(model.inputs, seed=21)
+    np.testing.assert_allclose(model.run(feeds)["out"], ort_run(pruned, feeds)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_cli_prints_the_decisions(models, tmp_path):
