@@ -24,25 +24,31 @@ import numpy as np
 import tvm
 from tqdm import tqdm
 
-from .calibration import CalibrationSource, Feeds, capture, load_samples, rows_per_layer, split_holdout
+from .calibration import (CalibrationSource, Feeds, activation_absmax, capture, load_samples, rows_per_layer,
+                          split_holdout)
 from .codebooks import LutLayer, learn_layer
 from .config import AutoConfig, SparseConfig, TuneConfig
 from .distill import learn_centroids, pq_module
+from .int8 import Int8Module, int8_layer
 from .layer_choice import Metric, within
 from .layer_timing import dense_call, layer_module, time_layer
 from .lut import labels_per_sample
+from .lut_report import format_agreement
 from .lut import plan as lut_plans
 from .onnx_import import ImportedModel
 from .passes.call_rewrite import Replacement, rewrite_calls
 from .passes.find_candidates import Candidate, find_candidates, select
 from .passes.lut_rewrite import LayerConstants
-from .passes.sparse_rewrite import SparseLayer, weight_t
+from .passes.int8_rewrite import Int8Layer
+from .passes.sparse_rewrite import SparseLayer, check, weight_t
 from .planner import Option, plan
 from .schedules.default_cpu import cpu_knobs
+from .schedules.int8_matmul import int8_isa, weight_bits
 from .sparse import sparse_layer
 from .sparse_finetune import masked_module
 
 MAX_REPLANS = 4
+KINDS = ("int8", "sparse", "lut")  # the options besides dense, in report order
 
 
 @dataclass
@@ -50,6 +56,7 @@ class LayerOptions:
     """One selected layer: its options, their measured ms and accuracy costs, the choice."""
 
     candidate: Candidate
+    int8: Int8Layer | None = None
     lut: LutLayer | None = None
     sparse: SparseLayer | None = None
     ms: dict[str, float] = field(default_factory=dict)
@@ -57,14 +64,20 @@ class LayerOptions:
     choice: str = "dense"
 
     def kinds(self) -> list[str]:
-        return [k for k in ("lut", "sparse") if getattr(self, k) is not None]
+        return [k for k in KINDS if getattr(self, k) is not None]
 
     def module(self, kind: str):
         """The torch module computing the layer's ONNX node as `kind`."""
+        if kind == "int8":
+            return Int8Module(self.int8)
         return pq_module(self.lut) if kind == "lut" else masked_module(self.sparse)
 
-    def emit(self, kind: str, lanes: int):
-        """(bb, x) -> the layer as `kind` (bias included)."""
+    def emit(self, kind: str, target: tvm.target.Target):
+        """(bb, x) -> the layer as `kind` for `target` (bias included)."""
+        lanes = cpu_knobs(target).lanes("float32")
+        if kind == "int8":
+            isa = int8_isa(target)
+            return lambda bb, x: self.int8.emit(bb, x, isa)
         if kind == "lut":
             p = self.lut.plan
             return lambda bb, x: p.rule.emit(bb, x, p, LayerConstants.of(self.lut))
@@ -106,9 +119,8 @@ def apply_auto(imported: ImportedModel, cfg: AutoConfig, calibration: Calibratio
     baseline = metric.score(None)
     scale = 100.0 if cfg.budget.metric == "accuracy" else 1.0
     budget = cfg.budget.limit if cfg.budget.metric == "accuracy" else max(0.0, baseline - cfg.budget.limit)
-    lanes = cpu_knobs(target).lanes("float32")
     for layer in tqdm(layers, desc="measure options", unit="layer", disable=not progress, leave=False):
-        mods = {kind: layer_module(layer.candidate.input_shape, layer.emit(kind, lanes))
+        mods = {kind: layer_module(layer.candidate.input_shape, layer.emit(kind, target))
                 for kind in ["dense", *layer.kinds()]}
         layer.ms = {k: round(v, 4) for k, v in time_layer(mods, layer.candidate.input_shape, target, tune_cfg)[0].items()}
         layer.cost = {kind: round(scale * (baseline - metric.of_modules({layer.candidate.name: layer.module(kind)})), 5)
@@ -128,7 +140,7 @@ def apply_auto(imported: ImportedModel, cfg: AutoConfig, calibration: Calibratio
         replans += 1
         limit = limit / 2 if replans < MAX_REPLANS else 0.0
 
-    replacements = [Replacement(layer.candidate, layer.emit(layer.choice, lanes), f"{layer.choice}_out")
+    replacements = [Replacement(layer.candidate, layer.emit(layer.choice, target), f"{layer.choice}_out")
                     for layer in layers if layer.choice != "dense"]
     result = AutoResult(layers, samples, held_ids, labels, cfg.budget.metric, budget, baseline, planned, replans,
                         len(val_ids))
@@ -141,6 +153,13 @@ def _options(imported: ImportedModel, cfg: AutoConfig, target: tvm.target.Target
     candidates = find_candidates(imported.mod, imported.weight_users)
     chosen = select(candidates, cfg.layers)
     layers = {c.var: LayerOptions(c) for c in candidates if c.var in chosen}
+    if "int8" in cfg.kinds:
+        eligible = [layer.candidate for layer in layers.values()
+                    if check(layer.candidate) is None and layer.candidate.activation is not None]
+        absmax = activation_absmax(imported.onnx_model, [samples[i] for i in fit_ids], eligible, progress)
+        bits = weight_bits(target)
+        for c in eligible:
+            layers[c.var].int8 = int8_layer(c, absmax[c.var], bits)
     if "sparse" in cfg.kinds:
         sparse_cfg = SparseConfig(sparsity=cfg.prune, block=cfg.block)
         for layer in layers.values():
@@ -179,11 +198,12 @@ def format_report(rep: dict) -> str:
     rows = rep["layers"]
     unit = "points" if rep["metric"] == "accuracy" else "cosine"
     width = max([len(r["name"]) for r in rows] + [5])
-    lines = [f"{'layer':<{width}} {'op':<7} {'dense ms':>9} {'sparse ms (cost)':>20} {'lut ms (cost)':>20}  choice"]
+    lines = [f"{'layer':<{width}} {'op':<7} {'dense ms':>9} " + " ".join(f"{k + ' ms (cost)':>20}" for k in KINDS)
+             + "  choice"]
     for r in rows:
-        cells = [f"{r['ms'][k]:.4f} ({r['cost'][k]:+.3f})" if k in r["cost"] else "-" for k in ("sparse", "lut")]
-        lines.append(f"{r['name']:<{width}} {r['op']:<7} {r['ms']['dense']:>9.4f} {cells[0]:>20} {cells[1]:>20}  "
-                     f"{r['choice']}")
+        cells = [f"{r['ms'][k]:.4f} ({r['cost'][k]:+.3f})" if k in r["cost"] else "-" for k in KINDS]
+        lines.append(f"{r['name']:<{width}} {r['op']:<7} {r['ms']['dense']:>9.4f} "
+                     + " ".join(f"{cell:>20}" for cell in cells) + f"  {r['choice']}")
     t = rep["layers_ms"]
     speedup = t["dense"] / t["planned"] if t["planned"] else 1.0
     lines.append(f"planned layers: {t['dense']:.3f} ms dense -> {t['planned']:.3f} ms ({speedup:.2f}x); budget "
@@ -191,12 +211,5 @@ def format_report(rep: dict) -> str:
                  f"fp32 {rep['fp32']:.4f}, plan {rep['planned']:.4f}"
                  + (f" (re-planned {rep['replans']}x)" if rep["replans"] else ""))
     if "accuracy" in rep:
-        agreement = rep["accuracy"]
-        lines.append(f"planned model vs fp32 on {agreement['samples']} held-out samples:")
-        for o in agreement["outputs"]:
-            extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
-            lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
-        if "accuracy" in agreement:
-            a = agreement["accuracy"]
-            lines.append(f"  accuracy ({a['output']}): fp32 {a['fp32']:.1%}, planned {a['model']:.1%}")
+        lines += format_agreement(rep["accuracy"], "planned", "held-out samples")
     return "\n".join(lines)

@@ -112,19 +112,37 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
     return model.SerializeToString()
 
 
+def _session(model: onnx.ModelProto, names: list[str]):
+    """An ONNX Runtime session of ``model`` that also outputs the tensors ``names``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.log_severity_level = 3
+    return ort.InferenceSession(_with_outputs(model, names), options, providers=["CPUExecutionProvider"])
+
+
+def activation_absmax(model: onnx.ModelProto, samples: list[Feeds], candidates: list,
+                      progress: bool = True) -> dict[str, float]:
+    """max |input| of each candidate layer over ``samples``: call var -> float (candidates
+    traced to an ONNX tensor, ``Candidate.activation``)."""
+    names = sorted({c.activation for c in candidates})
+    session = _session(model, names)
+    peak = dict.fromkeys(names, 0.0)
+    for feeds in tqdm(samples, desc="activation ranges", unit="sample", disable=not progress, leave=False):
+        for name, value in zip(names, session.run(names, feeds)):
+            peak[name] = max(peak[name], float(np.abs(value).max(initial=0.0)))
+    return {c.var: peak[c.activation] for c in candidates}
+
+
 def capture(model: onnx.ModelProto, samples: list[Feeds], plans: list, rows_per_layer: int, seed: int,
             progress: bool = True) -> dict[str, np.ndarray]:
     """Input sub-vectors of each plan's layer over ``samples``: call var -> float32 [rows, C, V].
 
     plans: LayerPlan per layer (``passes.lut_plan``), each traced to an ONNX tensor.
     """
-    import onnxruntime as ort
-
     names = sorted({p.candidate.activation for p in plans})
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    options.log_severity_level = 3
-    session = ort.InferenceSession(_with_outputs(model, names), options, providers=["CPUExecutionProvider"])
+    session = _session(model, names)
     rng = np.random.default_rng(seed)
     per_sample = max(1, math.ceil(rows_per_layer / len(samples)))
     parts: dict[str, list[np.ndarray]] = {p.candidate.var: [] for p in plans}

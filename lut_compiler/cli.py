@@ -117,9 +117,10 @@ def _add_auto_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("per-layer plan (each layer's options measured on the target, within --max-drop or "
                              "--min-cosine on --calib)")
     g.add_argument("--auto", action="store_true",
-                   help="choose dense, sparse or lookup-add per layer: least latency within the accuracy budget")
-    g.add_argument("--auto-kinds", type=lambda t: tuple(k for k in t.split(",") if k), default=("sparse", "lut"),
-                   metavar="sparse,lut", help="options besides dense (default sparse,lut)")
+                   help="choose dense, int8, sparse or lookup-add per layer: least latency within the accuracy budget")
+    g.add_argument("--auto-kinds", type=lambda t: tuple(k for k in t.split(",") if k),
+                   default=("int8", "sparse", "lut"), metavar="int8,sparse,lut",
+                   help="options besides dense (default int8,sparse,lut)")
     g.add_argument("--auto-prune", type=float, metavar="SPARSITY",
                    help="the sparse option prunes dense weights to this sparsity (--sparse-block blocks); "
                         "default: only weights that already are sparse")

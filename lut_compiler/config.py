@@ -211,8 +211,9 @@ class AutoConfig:
     `budget`; the whole plan is then checked on those samples and tightened until it fits.
 
     budget: max accuracy drop (points) or min cosine to the fp32 model.
-    kinds: implementations besides dense fp32 (tuned): "sparse" (block-sparse kernel on
-        sparse or pruned weights), "lut" (encode + lookup-add, `lut` codebooks).
+    kinds: implementations besides dense fp32 (tuned): "int8" (int8 weights per output
+        channel, activations min-max calibrated), "sparse" (block-sparse kernel on sparse or
+        pruned weights), "lut" (encode + lookup-add, `lut` codebooks).
     prune: sparsity the "sparse" option prunes dense weights to, in `block`s (None: only
         weights that already are sparse get the option).
     lut: codebook settings of the "lut" option (its `layers` and `budget` are not used).
@@ -222,7 +223,7 @@ class AutoConfig:
     """
 
     budget: Budget
-    kinds: tuple[str, ...] = ("sparse", "lut")
+    kinds: tuple[str, ...] = ("int8", "sparse", "lut")
     prune: float | None = None
     block: tuple[int, int] = (16, 1)
     lut: LutConfig = field(default_factory=LutConfig)
@@ -236,9 +237,9 @@ class AutoConfig:
         if isinstance(self.lut, dict):
             self.lut = LutConfig(**self.lut)
         self.kinds, self.block = tuple(self.kinds), tuple(self.block)
-        unknown = set(self.kinds) - {"sparse", "lut"}
+        unknown = set(self.kinds) - {"int8", "sparse", "lut"}
         if unknown:
-            raise ValueError(f"unknown implementation kind(s) {sorted(unknown)}; known: sparse, lut")
+            raise ValueError(f"unknown implementation kind(s) {sorted(unknown)}; known: int8, sparse, lut")
         if self.prune is not None and not 0.0 < self.prune < 1.0:
             raise ValueError(f"prune must be in (0, 1), got {self.prune}")
         if not 0.0 < self.holdout < 1.0 or not 0.0 < self.validation < 1.0:

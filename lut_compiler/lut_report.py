@@ -63,6 +63,19 @@ def compare_outputs(compiled, onnx_model: onnx.ModelProto, samples: list, classi
     return report
 
 
+def format_agreement(agreement: dict, model: str, where: str) -> list[str]:
+    """Lines for a `compare_outputs` result: per output SQNR, cosine (top-1), then accuracy;
+    `model` names the compiled model ("pruned", "planned"), `where` the samples."""
+    lines = [f"{model} model vs fp32 on {agreement['samples']} {where}:"]
+    for o in agreement["outputs"]:
+        extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
+        lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
+    if "accuracy" in agreement:
+        a = agreement["accuracy"]
+        lines.append(f"  accuracy ({a['output']}): fp32 {a['fp32']:.1%}, {model} {a['model']:.1%}")
+    return lines
+
+
 def evaluate(result: LutResult, compiled, onnx_model: onnx.ModelProto, task: str) -> dict:
     """The JSON-able accuracy report of ``compiled`` (a CompiledModel) on the held-out samples.
 

@@ -19,6 +19,7 @@ from .calibration import split_holdout
 from .config import SparseConfig, TuneConfig
 from .errors import CalibrationError
 from .layer_timing import MeasureConfig, dense_call, layer_module, time_layer
+from .lut_report import format_agreement
 from .onnx_import import WeightUser
 from .passes.find_candidates import Candidate, find_candidates, select
 from .passes.sparse_rewrite import SparseLayer, check, rewrite_sparse, weight_t
@@ -172,12 +173,5 @@ def format_report(rep: dict) -> str:
         loss = f", loss {run['loss'][0]:.4g} -> {run['loss'][-1]:.4g}" if run["loss"] else ""
         lines.append(f"fine-tuned the pruned weights: {run['epochs']} epochs in {run['seconds']:.0f} s{loss}")
     if "accuracy" in rep:  # pruned: the model against fp32
-        agreement = rep["accuracy"]
-        lines.append(f"pruned model vs fp32 on {agreement['samples']} held-out calibration samples:")
-        for o in agreement["outputs"]:
-            extra = f", top-1 agreement {o['top1_agreement']:.1%}" if "top1_agreement" in o else ""
-            lines.append(f"  {o['name']}: SQNR {o['sqnr_db']:.1f} dB, cosine {o['cosine']:.4f}{extra}")
-        if "accuracy" in agreement:
-            a = agreement["accuracy"]
-            lines.append(f"  accuracy ({a['output']}): fp32 {a['fp32']:.1%}, pruned {a['model']:.1%}")
+        lines += format_agreement(rep["accuracy"], "pruned", "held-out calibration samples")
     return "\n".join(lines)

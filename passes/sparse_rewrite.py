@@ -18,11 +18,10 @@ import tvm
 from tvm import relax
 
 from ..lowering import FIXED_LAYOUT
-from ..schedules.conv_patches import ConvGeometry
-from ..schedules.im2col import im2col
 from ..schedules.sparse_matmul import kernel_data, sparse_matmul
 from ..sparse_format import BlockSparse
 from .call_rewrite import Replacement, add_kernel, rewrite_calls
+from .conv_columns import conv_columns
 from .find_candidates import Candidate
 
 
@@ -44,17 +43,6 @@ def check(c: Candidate) -> str | None:
     if c.op == "conv2d" and (c.conv.groups != 1 or c.conv.layouts != ("NCHW", "OIHW", "NCHW")):
         return f"grouped or non-NCHW conv (groups {c.conv.groups}, layouts {'/'.join(c.conv.layouts)})"
     return None
-
-
-def geometry(c: Candidate) -> ConvGeometry:
-    o, _, kh, kw = c.weight_shape
-    a = c.conv
-    return ConvGeometry.of(c.input_shape, o, (kh, kw), a.strides, a.padding, a.dilation)
-
-
-def _pointwise(geom: ConvGeometry) -> bool:
-    """1x1, stride 1, no padding: the input already is the kernel's [B, K, P] operand."""
-    return geom.kernel == (1, 1) and geom.stride == (1, 1) and geom.padding == (0, 0, 0, 0)
 
 
 def _fixed(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
@@ -82,13 +70,8 @@ class SparseLayer:
             kernel = add_kernel(bb, _fixed(sparse_matmul(w, m, lanes=lanes)), "sparse_matmul")
             y = relax.call_tir(kernel, [x, *consts], relax.TensorType((m, n), "float32"))
             return y if len(c.output_shape) == 2 else relax.op.reshape(bb.emit(y), c.output_shape)
-        geom = geometry(c)
+        x, geom = conv_columns(bb, c, x)
         pixels = geom.out_height * geom.out_width
-        if _pointwise(geom):
-            x = bb.emit(relax.op.reshape(x, (geom.batch, geom.in_channels, pixels)))
-        else:
-            cols = relax.TensorType((geom.batch, w.shape[1], pixels), "float32")
-            x = bb.emit(relax.call_tir(add_kernel(bb, im2col(geom), "im2col"), [x], cols), "im2col")
         kernel = add_kernel(bb, _fixed(sparse_matmul(w, pixels, images=geom.batch, lanes=lanes)), "sparse_conv2d")
         y = bb.emit(relax.call_tir(kernel, [x, *consts], relax.TensorType((geom.batch, n, pixels), "float32")))
         return relax.op.reshape(y, c.output_shape)

@@ -29,7 +29,7 @@ def test_every_kernel_is_scheduled(models, target, tmp_path):
     """No kernel is left as the naive single-threaded loop nest the stock pipeline emits."""
     config = lut_compiler.CompileConfig(input_shapes={"x": (8, 48)}, dump_ir=str(tmp_path))
     lut_compiler.compile(models["mlp"], config, target=target, progress=False)
-    scheduled = (tmp_path / "6_schedule.py").read_text()
+    scheduled = (tmp_path / "7_schedule.py").read_text()
     assert scheduled.count("T.prim_func") == scheduled.count('"tirx.is_scheduled": True')
     assert "T.parallel" in scheduled and "T.vectorized" in scheduled
 
