@@ -77,6 +77,8 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
+from .kernel_blocks import unscheduled_block
+
 CENTROIDS = 16
 TABLE_OFFSET = 128
 # Largest codebook block whose uint16 sums cannot overflow: 255 * B <= 65535.
@@ -433,16 +435,8 @@ def _kernel(sch: s_tir.Schedule, acc: SBlockRV) -> _Kernel | None:
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
     """The unscheduled shuffle lookup-add in `sch`, found by its block annotation."""
-    try:
-        root = sch.get_sblock("root")
-    except (RuntimeError, ValueError):  # no root block
-        return None
-    if KNOB_ANNOTATION + "block" in sch.get(root).annotations:  # already scheduled
-        return None
-    for block in sch.get_child_blocks(root):
-        if sch.get(block).annotations.get("schedule_rule") == SCHEDULE_RULE:
-            return _kernel(sch, block)
-    return None
+    block = unscheduled_block(sch, SCHEDULE_RULE, KNOB_ANNOTATION + "block")
+    return _kernel(sch, block) if block is not None else None
 
 
 def apply_knobs(sch: s_tir.Schedule, knobs: ShuffleKnobs) -> None:

@@ -43,6 +43,7 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 
 from lut_compiler.sparse_format import BlockSparse
+from .kernel_blocks import unscheduled_block
 
 SCHEDULE_RULE = "sparse_matmul"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
@@ -338,16 +339,8 @@ def _kernel(sch: s_tir.Schedule, spmm: SBlockRV) -> _Kernel | None:
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
     """The unscheduled sparse matmul in `sch`, found by its block annotation."""
-    try:
-        root = sch.get_sblock("root")
-    except (RuntimeError, ValueError):  # no root block
-        return None
-    if KNOB_ANNOTATION + "n_tile" in sch.get(root).annotations:  # already scheduled
-        return None
-    for block in sch.get_child_blocks(root):
-        if sch.get(block).annotations.get("schedule_rule") == SCHEDULE_RULE:
-            return _kernel(sch, block)
-    return None
+    block = unscheduled_block(sch, SCHEDULE_RULE, KNOB_ANNOTATION + "n_tile")
+    return _kernel(sch, block) if block is not None else None
 
 
 def apply_knobs(sch: s_tir.Schedule, knobs: SparseKnobs) -> None:

@@ -157,7 +157,7 @@ def test_illegal_knobs_are_refused():
 def test_every_legal_knob_combination_is_exact():
     """The whole grid `shuffle_design_space` samples from, on one small shape: two row vectors
     (pad rows included), two codebook blocks (64 + a 6-codebook tail) and 8 columns."""
-    rows, codebooks, cols = 50, 70, 8
+    rows, codebooks, cols = LANES + LANES // 2 + 2, 70, 8  # 50 (AVX2) or 98 (AVX-512) rows: two row vectors
     grid = knob_space(rows, codebooks, cols, LANES).grid()
     assert {k.block for k in grid} == {64, 70} and {k.row_vectors for k in grid} == {1, 2}
     lib = _compile({f"k{i}": _scheduled(rows, codebooks, cols, LANES, k) for i, k in enumerate(grid)})
