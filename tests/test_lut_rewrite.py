@@ -239,7 +239,7 @@ def test_cli_lut_needs_good_calibration(tmp_path, models):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: calibration sample 0: input 'x' contains NaN"]
     done = lutc("compile", models["mlp"], "-o", out, "--input-shape", "x=1x48", "--calib", tmp_path / "bad.npz")
-    assert done.returncode == 2 and done.stderr.strip() == "error: --calib is only used with --lut or --prune"
+    assert done.returncode == 2 and done.stderr.strip() == "error: --calib is only used with --lut, --prune or --auto"
     np.savez(tmp_path / "good.npz", x=np.ones((4, 48), np.float32))
     np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
     done = lutc("compile", models["mlp"], "-o", out, "--input-shape", "x=1x48", "--lut", "--calib",
