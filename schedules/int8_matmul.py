@@ -46,7 +46,14 @@ The R x V int32 accumulators stay in registers over a K block; the [M, C] strip 
 kept per column tile (its W panel, C x K-block bytes, stays in L1 across all row tiles) and
 the epilogue (- 128 colsum, float, * scale + bias) writes the strip after the last K block.
 "rows_cols": column and row tiles fused in parallel, the whole K in one block, the epilogue
-per tile. "none": "cols" on one thread (small products only).
+per tile. "none": "cols" on one thread (small products only). Elementwise ops that FuseOps
+fuses after the kernel (residual add, activation) are inlined into the epilogue.
+
+Speed (default knobs, M = 128, (K, N) in {(384, 384), (384, 1536), (1536, 384)}, Zen 4, 2
+threads, through the Relax VM): VNNI 410-440 GMAC/s (the kernel alone ~450: VPDPBUSD zmm's 64
+MAC/cycle/core), 4.0-4.5x the repo's fp32 dense default schedule and ONNX Runtime's fp32
+MatMul; the AVX2 path (built for znver3) 175-195 GMAC/s, 2.0-2.3x fp32 dense built for the
+same AVX2 target (its ceiling: 32 MAC/cycle/core, two multiplies per 32, vs 16 fp32 FMAs).
 
 The reduction block carries `schedule_rule = "int8_matmul"`: untuned builds get `default_knobs`
 (`schedule_int8_matmul`, in default_cpu.LutKernels), MetaSchedule calls the global function
