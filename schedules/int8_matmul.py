@@ -73,6 +73,8 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
+from .kernel_blocks import unscheduled_block
+
 SCHEDULE_RULE = "int8_matmul"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
 ISA_ANNOTATION = "int8.isa"  # on the dot block: the ISA the kernel was made for
@@ -569,16 +571,8 @@ def _kernel(sch: s_tir.Schedule, dot: SBlockRV) -> _Kernel | None:
 
 def find_kernel(sch: s_tir.Schedule) -> _Kernel | None:
     """The unscheduled int8 matmul in `sch`, found by its block annotation."""
-    try:
-        root = sch.get_sblock("root")
-    except (RuntimeError, ValueError):  # no root block
-        return None
-    if KNOB_ANNOTATION + "row_tile" in sch.get(root).annotations:  # already scheduled
-        return None
-    for block in sch.get_child_blocks(root):
-        if sch.get(block).annotations.get("schedule_rule") == SCHEDULE_RULE:
-            return _kernel(sch, block)
-    return None
+    block = unscheduled_block(sch, SCHEDULE_RULE, KNOB_ANNOTATION + "row_tile")
+    return _kernel(sch, block) if block is not None else None
 
 
 def apply_knobs(sch: s_tir.Schedule, knobs: Int8Knobs) -> None:
