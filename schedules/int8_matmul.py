@@ -73,7 +73,7 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
-from .kernel_blocks import unscheduled_block
+from .kernel_blocks import first_illegal, unscheduled_block
 
 SCHEDULE_RULE = "int8_matmul"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
@@ -450,10 +450,7 @@ class Int8Knobs:
         allowed = {"row_tile": space.row_tiles, "col_tile": space.col_tiles.get(self.row_tile, ()),
                    "k_block": space.k_blocks.get(self.parallel, ()), "unroll": space.unrolls,
                    "parallel": space.parallels}
-        for name, values in allowed.items():
-            if getattr(self, name) not in values:
-                return f"{name}={getattr(self, name)!r} not in {list(values)}"
-        return None
+        return first_illegal(self, allowed)
 
 
 @dataclass(frozen=True)

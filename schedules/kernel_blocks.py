@@ -1,6 +1,9 @@
-"""Finding a hand-scheduled kernel's main block: shared by the kernels with custom schedule rules."""
+"""What the hand-scheduled kernels (custom schedule rules) share: finding their main block,
+checking knobs against their legal values."""
 
 from __future__ import annotations
+
+from collections.abc import Collection, Mapping
 
 from tvm import s_tir
 from tvm.s_tir.schedule import SBlockRV
@@ -16,3 +19,12 @@ def unscheduled_block(sch: s_tir.Schedule, rule: str, scheduled_marker: str) -> 
     if scheduled_marker in sch.get(root).annotations:
         return None
     return next((b for b in sch.get_child_blocks(root) if sch.get(b).annotations.get("schedule_rule") == rule), None)
+
+
+def first_illegal(knobs: object, allowed: Mapping[str, Collection]) -> str | None:
+    """Why `knobs` are illegal: the first knob (attribute) whose value is not among its
+    `allowed` values; None if all are."""
+    for name, values in allowed.items():
+        if getattr(knobs, name) not in values:
+            return f"{name}={getattr(knobs, name)!r} not in {list(values)}"
+    return None

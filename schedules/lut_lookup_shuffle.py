@@ -77,7 +77,7 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 from tvm.target.codegen import llvm_cpu_has_features
 
-from .kernel_blocks import unscheduled_block
+from .kernel_blocks import first_illegal, unscheduled_block
 
 CENTROIDS = 16
 TABLE_OFFSET = 128
@@ -335,10 +335,7 @@ class ShuffleKnobs:
             "unroll": space.unrolls,
             "parallel": space.parallels,
         }
-        for name, values in allowed.items():
-            if getattr(self, name) not in values:
-                return f"{name}={getattr(self, name)!r} not in {list(values)}"
-        return None
+        return first_illegal(self, allowed)
 
 
 @dataclass(frozen=True)

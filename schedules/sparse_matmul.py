@@ -43,7 +43,7 @@ from tvm.s_tir.schedule import ExprRV, SBlockRV
 from tvm.script import tirx as T
 
 from lut_compiler.sparse_format import BlockSparse
-from .kernel_blocks import unscheduled_block
+from .kernel_blocks import first_illegal, unscheduled_block
 
 SCHEDULE_RULE = "sparse_matmul"
 RULE_FUNCTION = f"s_tir.meta_schedule.cpu.{SCHEDULE_RULE}"
@@ -248,10 +248,7 @@ class SparseKnobs:
         space = knob_space(w_block, rows, images, lanes, work)
         allowed = {"n_tile": space.n_tiles, "p_tile": space.p_tiles.get(self.n_tile, ()), "unroll": space.unrolls,
                    "parallel": space.parallels}
-        for name, values in allowed.items():
-            if getattr(self, name) not in values:
-                return f"{name}={getattr(self, name)!r} not in {list(values)}"
-        return None
+        return first_illegal(self, allowed)
 
 
 @dataclass(frozen=True)
