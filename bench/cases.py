@@ -16,8 +16,13 @@ from .config import Case
 
 SIMPLIFIED = "simplified.onnx"
 FEEDS = "feeds.npz"
-CALIBRATION = "calibration.npz"
-CALIBRATION_SAMPLES = 64  # for the lookup-add system (its codebooks; the bench reports, not tunes, its error)
+CALIBRATION, CALIBRATION_LABELS = "calibration.npz", "calibration_labels.npy"
+EVALUATION, EVALUATION_LABELS = "evaluation.npz", "evaluation_labels.npy"
+# Labelled zoo models: rows of the train split the lossy systems calibrate on (codebooks,
+# the auto plan's costs), rows of the test split every system is scored on.
+CALIBRATION_ROWS, EVALUATION_ROWS = 1024, 512
+# Other models: samples (each of the case's batch) from the zoo's train/test sentences or random.
+CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 64, 16
 
 
 @dataclass
@@ -27,7 +32,9 @@ class PreparedCase:
     model_path: the original ONNX file (what the compilers import).
     simplified_path: our import's shape-bound, onnxslim-simplified graph (what ORT runs).
     feeds_path: .npz with one array per input, the same feeds for every system.
-    calibration_path: .npz of other inputs (stacked samples) the lookup-add system calibrates on.
+    calibration_path: .npz of other inputs (stacked samples) the lossy systems calibrate on.
+    evaluation_path: .npz of held-out inputs (stacked samples) every system is scored on.
+    calibration_labels/evaluation_labels: .npy int64 [samples, batch] (labelled zoo models), else None.
     input_shapes: the static binding of every input, passed to every compiler.
     inputs/outputs: (name, shape, dtype) in graph order.
     seconds: time to prepare (model build on first use + import), in seconds.
@@ -37,6 +44,9 @@ class PreparedCase:
     simplified_path: str
     feeds_path: str
     calibration_path: str
+    evaluation_path: str
+    calibration_labels: str | None
+    evaluation_labels: str | None
     input_shapes: dict[str, tuple[int, ...]]
     inputs: list[tuple[str, tuple[int, ...], str]]
     outputs: list[tuple[str, tuple[int, ...], str]]
@@ -88,13 +98,23 @@ def prepare_case(case: Case, case_dir: str, seed: int) -> PreparedCase:
     arrays = check_feeds(imported.inputs, feeds)
     onnx.save(imported.onnx_model, str(out / SIMPLIFIED))
     np.savez(out / FEEDS, **{s.name: a for s, a in zip(imported.inputs, arrays)})
-    samples = [_sample(case, imported.inputs, seed + 1 + i) for i in range(CALIBRATION_SAMPLES)]
-    np.savez(out / CALIBRATION, **{s.name: np.stack([x[s.name] for x in samples]) for s in imported.inputs})
+    labels = {}
+    for name, split, path, labels_path in (("calibration", "train", CALIBRATION, CALIBRATION_LABELS),
+                                           ("evaluation", "test", EVALUATION, EVALUATION_LABELS)):
+        samples, y = _samples(case, imported.inputs, split, seed)
+        np.savez(out / path, **{s.name: np.stack([x[s.name] for x in samples]) for s in imported.inputs})
+        labels[name] = None
+        if y is not None:
+            np.save(out / labels_path, y)
+            labels[name] = str(out / labels_path)
     return PreparedCase(
         model_path=str(model_path.resolve()),
         simplified_path=str(out / SIMPLIFIED),
         feeds_path=str(out / FEEDS),
         calibration_path=str(out / CALIBRATION),
+        evaluation_path=str(out / EVALUATION),
+        calibration_labels=labels["calibration"],
+        evaluation_labels=labels["evaluation"],
         input_shapes=shapes,
         inputs=[(s.name, tuple(s.shape), s.dtype) for s in imported.inputs],
         outputs=[(s.name, tuple(s.shape), s.dtype) for s in imported.outputs],
@@ -103,11 +123,27 @@ def prepare_case(case: Case, case_dir: str, seed: int) -> PreparedCase:
     )
 
 
-def _sample(case: Case, specs, seed: int) -> dict[str, np.ndarray]:
-    """Inputs other than the timed feeds: zoo sample data, or random for ONNX files."""
-    if case.is_zoo:
-        from .. import zoo
+def _samples(case: Case, specs, split: str, seed: int) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Samples of the case's batch from one split, and their labels int64 [samples, batch] if any.
 
+    Labelled zoo models: a seeded choice of the split's rows (CALIBRATION_ROWS / EVALUATION_ROWS);
+    sentence models: the zoo's train/test sentences; ONNX files: random feeds.
+    """
+    calibrating = split == "train"
+    count = CALIBRATION_SAMPLES if calibrating else EVALUATION_SAMPLES
+    offset = seed + (1 if calibrating else 1 + CALIBRATION_SAMPLES)  # never the timed feeds' seed
+    if not case.is_zoo:
+        return [random_feeds(specs, offset + i) for i in range(count)], None
+    from .. import zoo
+
+    if zoo.MODELS[case.model].labelled_data is None:
         options = {"seq": case.seq} if case.seq is not None else {}
-        return zoo.sample_inputs(case.model, batch=case.batch, seed=seed, **options)
-    return random_feeds(specs, seed)
+        return [zoo.sample_inputs(case.model, batch=case.batch, seed=offset + i, split=split, **options)
+                for i in range(count)], None
+    feeds, labels = zoo.labelled_data(case.model, split)
+    rows = CALIBRATION_ROWS if calibrating else EVALUATION_ROWS
+    count = max(1, min(rows, len(labels)) // case.batch)
+    order = np.random.default_rng(offset).choice(len(labels), count * case.batch, replace=count * case.batch > len(labels))
+    samples = [{name: value[order[i * case.batch:(i + 1) * case.batch]] for name, value in feeds.items()}
+               for i in range(count)]
+    return samples, labels[order].reshape(count, case.batch)

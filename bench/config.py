@@ -15,9 +15,10 @@ from pathlib import Path
 BENCH_CONFIG_VERSION = 1
 
 # Measured side by side, in this order in every table (lutc-sparse only when asked for).
-SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse")
-DEFAULT_SYSTEMS: tuple[str, ...] = SYSTEMS[:-1]
-TUNED = frozenset({"tvm-tuned", "lutc", "lutc-lut", "lutc-sparse"})  # spend the trial budget
+SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse",
+                             "lutc-auto")
+DEFAULT_SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc", "lutc-lut", "lutc-auto")
+TUNED = frozenset({"tvm-tuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-auto"})  # spend the trial budget
 REFERENCE = "ort"
 
 # Default grid: zoo model -> batch sizes (MiniLM also takes --seq).
@@ -41,6 +42,8 @@ class TimingConfig:
     gap_seconds: idle pause between blocks, so spinning worker threads of the
         previous system go to sleep before the next one starts (with 0.05 s, ORT
         blocks right after a TVM block looked slower than with 0.5-2 s here).
+    eval_seconds: cap on one system's pass over the evaluation samples (accuracy columns);
+        a system that takes longer is scored on the samples it finished (at least one).
     """
 
     rounds: int = 10
@@ -49,6 +52,7 @@ class TimingConfig:
     max_system_seconds: float = 60.0
     min_rounds: int = 3
     gap_seconds: float = 0.2
+    eval_seconds: float = 30.0
 
 
 @dataclass
@@ -140,6 +144,6 @@ def default_cases(models: list[str], batches: list[int] | None, seq: int,
     return cases
 
 
-def tuning_dir(cfg: BenchConfig, case: Case, system: str) -> str:
-    """A system's MetaSchedule database for one case and trial budget (reused across runs)."""
-    return str((Path(cfg.work_dir) / case.key / system / f"tuning-t{cfg.trials_per_task}").resolve())
+def tuning_dir(cfg: BenchConfig, case: Case, system: str, mcpu: str) -> str:
+    """A system's MetaSchedule database for one case, target CPU and trial budget (reused across runs)."""
+    return str((Path(cfg.work_dir) / case.key / system / f"tuning-{mcpu}-t{cfg.trials_per_task}").resolve())

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .cases import PreparedCase, prepare_case
 from .config import REFERENCE, TUNED, BenchConfig, Case, TimingConfig, tuning_dir
-from .report import Row, output_cosine, output_errors
-from .systems import BUILDERS, BuildSpec, Built, open_runner, outputs, timed_block, warm_up
+from .report import Row, output_cosine, output_errors, top1
+from .systems import BUILDERS, BuildSpec, Built, evaluate, open_runner, outputs, timed_block, warm_up
 from .worker import Worker, WorkerError
 
 Log = Callable[[str], None]
@@ -46,6 +46,9 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             _fail(row, err, log, debug)
         return list(rows.values())
     log(f"  prepared model and inputs in {time.perf_counter() - start:.0f} s")
+    from ..target import resolve_target
+
+    mcpu = str(resolve_target(cfg.target).attrs.get("mcpu", "generic"))
     built: dict[str, Built] = {}
     for system in cfg.systems:
         tuned = system in TUNED and cfg.trials_per_task > 0
@@ -56,11 +59,12 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             model_path=prepared.model_path,
             simplified_path=prepared.simplified_path,
             calibration_path=prepared.calibration_path,
+            calibration_labels=prepared.calibration_labels,
             input_shapes=prepared.input_shapes,
             target=cfg.target,
             trials_per_task=cfg.trials_per_task,
             artifact_dir=str((case_dir / system).resolve()),
-            tuning_dir=tuning_dir(cfg, case, system),
+            tuning_dir=tuning_dir(cfg, case, system, mcpu),
             cores=cfg.cores,
             seed=cfg.seed,
             progress=cfg.progress,
@@ -74,8 +78,8 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
         log(f"  built {system} in {time.perf_counter() - start:.0f} s"
             + (" (tuning database reused)" if result.tune_cached else ""))
         row = rows[system]
-        row.compile_s, row.tune_s, row.tune_cached, row.tuning = (
-            result.compile_s, result.tune_s, result.tune_cached, result.tuning)
+        row.compile_s, row.tune_s, row.tune_cached, row.tuning, row.plan = (
+            result.compile_s, result.tune_s, result.tune_cached, result.tuning, result.plan)
     _time_systems(case, cfg, prepared, built, rows, log, debug)
     return list(rows.values())
 
@@ -134,6 +138,40 @@ def time_rounds(workers: dict[str, Worker], timing: TimingConfig, fail: Callable
     return {s: (iterations[s], times[s]) for s in active}
 
 
+def _score(workers: dict[str, Worker], prepared: PreparedCase, max_seconds: float, rows: dict[str, Row],
+           drop: Callable[[str, WorkerError], None]) -> None:
+    """Accuracy on the held-out evaluation samples: mean cosine of the outputs to ORT's (worst
+    output) and, for labelled models, top-1 accuracy; each system on as many samples as it runs
+    in ``max_seconds``, compared with ORT on those."""
+    import numpy as np
+
+    labels = np.load(prepared.evaluation_labels) if prepared.evaluation_labels else None
+    scored = {}
+    for system in [REFERENCE] + [s for s in workers if s != REFERENCE]:
+        try:
+            scored[system] = workers[system].call(evaluate, prepared.evaluation_path, max_seconds)
+        except WorkerError as err:
+            drop(system, err)
+    reference = scored.pop(REFERENCE, None)
+    if reference is None:
+        return
+    first = prepared.outputs[0][0]
+    for system, outs in [(REFERENCE, reference), *scored.items()]:
+        row, n = rows[system], min(len(outs), len(reference))
+        if any(not math.isfinite(output_errors(o, r)[0]) for o, r in zip(outs[:n], reference[:n])):
+            continue  # wrong shapes: already reported by max_abs_err
+        row.eval_samples = n
+        row.cosine = output_cosine(_stack(outs[:n]), _stack(reference[:n]))
+        if labels is not None:
+            row.top1 = top1(np.stack([o[first] for o in outs[:n]]), labels[:n])
+
+
+def _stack(outputs: list[dict]) -> dict:
+    import numpy as np
+
+    return {name: np.stack([o[name] for o in outputs]) for name in outputs[0]}
+
+
 def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: dict[str, Built],
                   rows: dict[str, Row], log: Log, debug: bool) -> None:
     input_names = [name for name, _, _ in prepared.inputs]
@@ -164,10 +202,8 @@ def _time_systems(case: Case, cfg: BenchConfig, prepared: PreparedCase, built: d
                 drop(system, err)
         if REFERENCE in got:
             for system, values in got.items():
-                row = rows[system]
-                row.max_abs_err, row.max_rel_err = output_errors(values, got[REFERENCE])
-                if math.isfinite(row.max_abs_err):
-                    row.cosine = output_cosine(values, got[REFERENCE])
+                rows[system].max_abs_err, rows[system].max_rel_err = output_errors(values, got[REFERENCE])
+            _score(workers, prepared, cfg.timing.eval_seconds, rows, drop)
         timed = time_rounds(workers, cfg.timing, drop, cfg.progress)
         for system, (iterations, times) in timed.items():
             rows[system].iterations = iterations

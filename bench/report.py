@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 JSON_NAME, MARKDOWN_NAME, PNG_NAME = "results.json", "results.md", "results.png"
+ACCURACY_PNG_NAME = "accuracy.png"
 SCHEMA = "lutc-bench/1"
 
 
@@ -26,8 +27,12 @@ class Row:
     ratio_to_ort: median / ORT's median (> 1: slower than ORT).
     max_abs_err: max |output - ORT output| over all outputs, same feeds.
     max_rel_err: max_abs_err / max |ORT output|.
-    cosine: worst over outputs of the mean cosine similarity of output vectors (last axis)
-        to ORT's: the accuracy effect of lossy systems (lookup-add, pruning).
+    cosine: on the case's held-out evaluation samples, the worst over outputs of the mean
+        cosine similarity of output vectors (last axis) to ORT's: the accuracy effect of lossy
+        systems (lookup-add, pruning, int8).
+    top1: top-1 accuracy (%) on those samples' labels (labelled models only).
+    eval_samples: evaluation samples scored (slow systems stop early, see TimingConfig).
+    plan: ``lutc-auto``'s per-layer plan (``auto.report``).
     compile_s: build seconds in this run, tuning excluded; tune_s: tuning seconds
         (from the run that tuned, if tune_cached).
     """
@@ -51,10 +56,13 @@ class Row:
     max_abs_err: float | None = None
     max_rel_err: float | None = None
     cosine: float | None = None
+    top1: float | None = None
+    eval_samples: int = 0
     compile_s: float | None = None
     tune_s: float | None = None
     tune_cached: bool = False
     tuning: dict = field(default_factory=dict)
+    plan: dict | None = None
 
     def set_times(self, per_round_s: list[float]) -> None:
         self.per_round_s = [float(t) for t in per_round_s]
@@ -70,6 +78,12 @@ def output_cosine(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) 
     from lut_compiler.lut_report import cosine
 
     return min((cosine(np.asarray(ref), np.asarray(got[name])) for name, ref in reference.items()), default=1.0)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent: logits [..., classes] against int labels of the leading shape."""
+    predicted = np.asarray(logits).reshape(labels.size, -1).argmax(-1)
+    return float(100.0 * np.mean(predicted == labels.reshape(-1)))
 
 
 def output_errors(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -88,8 +102,8 @@ def output_errors(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) 
 
 # ---- text ------------------------------------------------------------------------------------
 
-COLUMNS = ("model", "shape", "system", "median ms", "p10-p90 ms", "x ORT", "max abs err", "cosine", "compile s",
-           "tune s", "rounds")
+COLUMNS = ("model", "shape", "system", "median ms", "p10-p90 ms", "x ORT", "max abs err", "cosine", "top-1 %",
+           "compile s", "tune s", "rounds")
 
 
 def _ms(seconds: float | None) -> str:
@@ -101,14 +115,15 @@ def _ms(seconds: float | None) -> str:
 
 def _cells(row: Row) -> list[str]:
     if row.status != "ok":
-        return [row.model, row.shape, row.system, "failed", "-", "-", "-", "-", _secs(row.compile_s), _secs(row.tune_s),
-                "-"]
+        return [row.model, row.shape, row.system, "failed", "-", "-", "-", "-", "-", _secs(row.compile_s),
+                _secs(row.tune_s), "-"]
     tune = _secs(row.tune_s) + ("*" if row.tune_cached and row.tune_s is not None else "")
     return [
         row.model, row.shape, row.system, _ms(row.median_s), f"{_ms(row.p10_s)}-{_ms(row.p90_s)}",
         "-" if row.ratio_to_ort is None else f"{row.ratio_to_ort:.2f}",
         "-" if row.max_abs_err is None else f"{row.max_abs_err:.1e}",
         "-" if row.cosine is None else f"{row.cosine:.4f}",
+        "-" if row.top1 is None else f"{row.top1:.1f}",
         _secs(row.compile_s), tune, str(row.rounds),
     ]
 
@@ -144,18 +159,34 @@ def markdown(rows: list[Row], meta: dict) -> str:
         f"{meta['config']['trials_per_task']} MetaSchedule trials per task; {meta['config']['timing']['rounds']} "
         f"rounds of ~{meta['config']['timing']['block_seconds']} s blocks per system, order rotating each round. "
         "Latency per inference; x ORT = median / ORT median; "
-        "max abs err = max |output - ORT output| on the same feeds; cosine = mean cosine of output vectors "
-        "(last axis) to ORT's, worst output; "
+        "max abs err = max |output - ORT output| on the same feeds; on held-out evaluation samples "
+        "(labelled models: the test split; never used to calibrate): cosine = mean cosine of output vectors "
+        "(last axis) to ORT's, worst output, and top-1 % = accuracy on their labels; "
         "tune s marked * was spent in an earlier run (database reused).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---" if i < 3 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    plans = [r for r in rows if r.plan]
+    if plans:
+        lines += ["", "Per-layer plans (`lutc-auto`; layer times measured alone, budget checked on validation "
+                  "samples of the calibration set):", ""]
+        lines += [f"- {r.model} {r.shape}: {plan_summary(r.plan)}" for r in plans]
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         lines += ["", "Failed:", ""] + [f"- {r.model} {r.shape} {r.system}: `{r.error}`" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def plan_summary(plan: dict) -> str:
+    """One line: how many layers took each implementation, the layers' time, the validation metric."""
+    from collections import Counter
+
+    counts = Counter(layer["choice"] for layer in plan["layers"])
+    t = plan["layers_ms"]
+    return (", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + f"; layers {t['dense']:.3f} -> "
+            f"{t['planned']:.3f} ms; validation {plan['metric']} fp32 {plan['fp32']:.4f}, plan {plan['planned']:.4f}")
 
 
 def write_json(path: Path, rows: list[Row], meta: dict) -> None:
@@ -180,7 +211,8 @@ def write_all(out: Path, rows: list[Row], meta: dict) -> list[Path]:
     title = (f"{machine['cpu']} ({machine['mcpu']}, {machine['cores']} cores), {config['trials_per_task']} "
              f"trials/task, {meta['date'][:10]}; labels: latency / ORT")
     chart(out / PNG_NAME, rows, list(config["systems"]), title)
-    return [out / JSON_NAME, out / MARKDOWN_NAME, out / PNG_NAME]
+    accuracy_chart(out / ACCURACY_PNG_NAME, rows, list(config["systems"]), title.split("; ")[0])
+    return [out / JSON_NAME, out / MARKDOWN_NAME, out / PNG_NAME, out / ACCURACY_PNG_NAME]
 
 
 # ---- chart -----------------------------------------------------------------------------------
@@ -230,6 +262,46 @@ def chart(path: Path, rows: list[Row], systems: list[str], title: str) -> None:
     ax.legend(fontsize=8, ncols=len(systems), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     with warnings.catch_warnings():  # tight_layout complains about an empty chart
+        warnings.simplefilter("ignore")
+        fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def accuracy_chart(path: Path, rows: list[Row], systems: list[str], title: str) -> None:
+    """Accuracy against speed-up over ORT, one point per system and case: top-1 % for labelled
+    models (left), cosine to ORT for the others (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    scored = [r for r in rows if r.ratio_to_ort and r.cosine is not None]
+    panels = [("top-1 accuracy (%)", [r for r in scored if r.top1 is not None], lambda r: r.top1),
+              ("mean cosine to ORT", [r for r in scored if r.top1 is None], lambda r: r.cosine)]
+    panels = [p for p in panels if p[1]] or panels[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
+    colors, markers = plt.get_cmap("tab10").colors, "osD^v<>ph*"
+    cases = list(dict.fromkeys((r.model, r.shape) for r in rows))
+    for ax, (label, chosen, value) in zip(axes[0], panels):
+        for r in chosen:
+            k = systems.index(r.system) if r.system in systems else 0
+            ax.scatter(1.0 / r.ratio_to_ort, value(r), color=colors[k % 10],
+                       marker=markers[cases.index((r.model, r.shape)) % len(markers)])
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.set_xlabel("speed-up over ONNX Runtime (median latency, log scale)")
+        ax.set_ylabel(label)
+        ax.axvline(1.0, color="gray", lw=0.6)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[k % 10], marker="o", ls="", label=s) for k, s in enumerate(systems)]
+    handles += [plt.Line2D([], [], color="black", marker=markers[i % len(markers)], ls="", label=f"{m} {s}")
+                for i, (m, s) in enumerate(cases)]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -22,6 +22,10 @@ calls with ``timed_block``. Every duration is in seconds.
 - ``lutc-sparse``: ``lutc`` with every matmul/conv weight pruned to 90% sparsity in 16x1
   blocks by magnitude, each layer kept sparse where measured >= 1.1x faster (lossy: the
   cosine column shows the pruning's effect, no fine-tune).
+- ``lutc-auto``: ``lutc`` with the per-layer plan (``--auto``): dense, int8, sparse (70% 16x1
+  magnitude pruning) or lookup-add per layer, each measured on the target, within 1 point of
+  top-1 accuracy (labelled models, on the case's calibration rows) or a mean cosine of 0.99
+  to fp32 (others).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class BuildSpec:
     artifact_dir: str
     tuning_dir: str
     cores: int
+    calibration_labels: str | None = None  # .npy int64 labels of the calibration samples
     seed: int = 0
     progress: bool = True
 
@@ -75,6 +80,7 @@ class Built:
     tune_s: seconds the tuning took when it ran (None: no tuning).
     tune_cached: the database came from an earlier bench run; tune_s is from then.
     tuning: tasks, trials and successful measurements.
+    plan: ``lutc-auto``'s per-layer plan (``auto.report``), else None.
     """
 
     system: str
@@ -83,6 +89,7 @@ class Built:
     tune_s: float | None = None
     tune_cached: bool = False
     tuning: dict = field(default_factory=dict)
+    plan: dict | None = None
 
 
 def _target(spec: BuildSpec):
@@ -216,15 +223,17 @@ def build_lutc(spec: BuildSpec) -> Built:
     """``lut_compiler.compile`` with the same trials per task, exported as ``model.so``."""
     import lut_compiler
 
-    lut = spec.system == "lutc-lut"
+    calibrated = spec.system in ("lutc-lut", "lutc-auto")
+    labels = np.load(spec.calibration_labels) if calibrated and spec.calibration_labels else None
     config = lut_compiler.CompileConfig(
         input_shapes=dict(spec.input_shapes),
         tune=lut_compiler.TuneConfig(trials_per_task=spec.trials_per_task, work_dir=spec.tuning_dir, seed=spec.seed),
-        lut=lut_compiler.LutConfig() if lut else None,
+        lut=lut_compiler.LutConfig() if spec.system == "lutc-lut" else None,
         sparse=lut_compiler.SparseConfig(sparsity=0.9, block=(16, 1)) if spec.system == "lutc-sparse" else None,
+        auto=_auto_config(labels is not None) if spec.system == "lutc-auto" else None,
     )
     model = lut_compiler.compile(spec.model_path, config, target=spec.target, progress=spec.progress,
-                                 calibration=spec.calibration_path if lut else None)
+                                 calibration=spec.calibration_path if calibrated else None, labels=labels)
     start = time.perf_counter()
     model.export(spec.artifact_dir)
     export_s = time.perf_counter() - start
@@ -245,7 +254,15 @@ def build_lutc(spec: BuildSpec) -> Built:
             tune_s = tuning.get("seconds", tune_s)
     tuning["phases"] = phases
     return Built(spec.system, str(Path(spec.artifact_dir) / LIBRARY), round(compile_s, 3),
-                 tune_s, cached, tuning)
+                 tune_s, cached, tuning, model.record.get("auto"))
+
+
+def _auto_config(labelled: bool):
+    """The bench's plan: 1 point of top-1 accuracy (labelled models) or cosine 0.99 to fp32."""
+    from ..config import AutoConfig, Budget
+
+    budget = Budget("accuracy", 1.0) if labelled else Budget("cosine", 0.99)
+    return AutoConfig(budget=budget, prune=0.7)
 
 
 def build_lutc_untuned(spec: BuildSpec) -> Built:
@@ -261,6 +278,7 @@ BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
     "lutc": build_lutc,
     "lutc-lut": build_lutc,
     "lutc-sparse": build_lutc,
+    "lutc-auto": build_lutc,
 }
 
 
@@ -271,6 +289,7 @@ BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
 class _Runner:
     call: Callable[[], object]  # one inference on the bound feeds
     read: Callable[[], dict[str, np.ndarray]]  # one inference, outputs as arrays
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # one inference on other feeds
 
 
 _RUNNER: _Runner | None = None
@@ -303,7 +322,10 @@ def _open_ort(artifact: str, feeds: dict[str, np.ndarray], output_names: list[st
         call()
         return dict(zip(output_names, binding.copy_outputs_to_cpu()))
 
-    return _Runner(call, read)
+    def run(other: dict[str, np.ndarray]):
+        return dict(zip(output_names, session.run(output_names, other)))
+
+    return _Runner(call, read, run)
 
 
 def _open_tvm(artifact: str, feeds: dict[str, np.ndarray], input_names: list[str], output_names: list[str]) -> _Runner:
@@ -321,12 +343,14 @@ def _open_tvm(artifact: str, feeds: dict[str, np.ndarray], input_names: list[str
     def call():
         return main(*args)
 
-    def read():
-        result = call()
+    def arrays(result) -> dict[str, np.ndarray]:
         values = [result] if len(output_names) == 1 else list(result)
         return {name: v.numpy() for name, v in zip(output_names, values)}
 
-    return _Runner(call, read)
+    def run(other: dict[str, np.ndarray]):
+        return arrays(main(*[tvm.runtime.tensor(np.ascontiguousarray(other[name])) for name in input_names]))
+
+    return _Runner(call, lambda: arrays(call()), run)
 
 
 def open_runner(system: str, artifact: str, feeds_path: str, input_names: list[str], output_names: list[str],
@@ -344,6 +368,20 @@ def open_runner(system: str, artifact: str, feeds_path: str, input_names: list[s
 def outputs() -> dict[str, np.ndarray]:
     """One inference; its outputs (compared with ORT's)."""
     return _RUNNER.read()
+
+
+def evaluate(samples_path: str, max_seconds: float) -> list[dict[str, np.ndarray]]:
+    """Outputs on the stacked samples of ``samples_path``, in order, for at most ``max_seconds``
+    (at least one sample; slow systems are scored on a prefix)."""
+    results = []
+    start = time.perf_counter()
+    with np.load(samples_path) as data:
+        stacked = {name: data[name] for name in data.files}
+    for i in range(len(next(iter(stacked.values())))):
+        results.append(_RUNNER.run({name: value[i] for name, value in stacked.items()}))
+        if time.perf_counter() - start > max_seconds:
+            break
+    return results
 
 
 def warm_up(seconds: float) -> float:

@@ -5,7 +5,8 @@ For each selected matmul/conv2d the options are built (k-means or learned codebo
 lookup-add, pruned or detected block-sparse weights for sparse) and then:
 
 - latency: the layer alone as each option, lowered and tuned like the model (same budget and
-  database), timed in alternating rounds on the target (`layer_timing`);
+  database), timed in alternating rounds on the target (`layer_timing`); layers with the same
+  shapes share one measurement per option (`LayerOptions.timing_key`);
 - accuracy cost: the metric lost on validation samples when only this layer takes the option
   (the torch view computes exactly what the kernels do: PQ layers, masked sparse weights);
 - plan: the least summed latency whose summed costs fit the budget (`planner`); the whole plan
@@ -31,7 +32,7 @@ from .config import AutoConfig, SparseConfig, TuneConfig
 from .distill import learn_centroids, pq_module
 from .int8 import Int8Module, int8_layer
 from .layer_choice import Metric, within
-from .layer_timing import dense_call, layer_module, time_layer
+from .layer_timing import build_vms, dense_call, layer_module, time_vms
 from .lut import labels_per_sample
 from .lut_report import format_agreement
 from .lut import plan as lut_plans
@@ -65,6 +66,17 @@ class LayerOptions:
 
     def kinds(self) -> list[str]:
         return [k for k in KINDS if getattr(self, k) is not None]
+
+    def timing_key(self, kind: str) -> tuple:
+        """What `kind`'s latency depends on: the layer's shapes and attributes, the PQ shape
+        (lookup-add) or the stored block count (sparse; the pattern itself is not keyed)."""
+        c = self.candidate
+        detail = ()
+        if kind == "lut":
+            detail = (self.lut.plan.subspace_len, self.lut.plan.centroids)
+        elif kind == "sparse":
+            detail = (self.sparse.weight.block, self.sparse.weight.nnzb)
+        return (kind, c.op, c.input_shape, c.weight_shape, c.conv, *detail)
 
     def module(self, kind: str):
         """The torch module computing the layer's ONNX node as `kind`."""
@@ -119,10 +131,21 @@ def apply_auto(imported: ImportedModel, cfg: AutoConfig, calibration: Calibratio
     baseline = metric.score(None)
     scale = 100.0 if cfg.budget.metric == "accuracy" else 1.0
     budget = cfg.budget.limit if cfg.budget.metric == "accuracy" else max(0.0, baseline - cfg.budget.limit)
-    for layer in tqdm(layers, desc="measure options", unit="layer", disable=not progress, leave=False):
-        mods = {kind: layer_module(layer.candidate.input_shape, layer.emit(kind, target))
-                for kind in ["dense", *layer.kinds()]}
-        layer.ms = {k: round(v, 4) for k, v in time_layer(mods, layer.candidate.input_shape, target, tune_cfg)[0].items()}
+    keys = [{kind: layer.timing_key(kind) for kind in ["dense", *layer.kinds()]} for layer in layers]
+    mods = {}  # timing key -> the layer alone as that option: layers of one shape share them
+    for layer, layer_keys in zip(layers, keys):
+        for kind, key in layer_keys.items():
+            if key not in mods:
+                mods[key] = layer_module(layer.candidate.input_shape, layer.emit(kind, target))
+    vms = build_vms(mods, target, tune_cfg, progress)  # one tuning session for every option of every layer
+    measured: dict[tuple, float] = {}
+    for layer, layer_keys in tqdm(list(zip(layers, keys)), desc="measure options", unit="layer",
+                                  disable=not progress, leave=False):
+        todo = {kind: vms[key] for kind, key in layer_keys.items() if key not in measured}
+        if todo:
+            ms = time_vms(todo, layer.candidate.input_shape)[0]
+            measured.update({layer_keys[kind]: round(v, 4) for kind, v in ms.items()})
+        layer.ms = {kind: measured[key] for kind, key in layer_keys.items()}
         layer.cost = {kind: round(scale * (baseline - metric.of_modules({layer.candidate.name: layer.module(kind)})), 5)
                       for kind in layer.kinds()}
 

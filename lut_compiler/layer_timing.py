@@ -2,13 +2,15 @@
 
 Every implementation is a Relax module ``main(x)`` of the layer (the same input, the same
 output); each is lowered like a model (`lowering`), tuned with the model's budget and
-database, built, and timed in alternating rounds of ~`seconds` blocks (median per round).
+database (many modules in one tuning session), built, and timed in alternating rounds of
+~`seconds` blocks (median per round).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import tvm
@@ -20,6 +22,7 @@ from .passes.find_candidates import Candidate
 from .tuning import tune
 
 Emit = Callable[[relax.BlockBuilder, relax.Expr], relax.Expr]  # (bb, x) -> the layer's output
+Key = TypeVar("Key", bound=Hashable)
 
 
 def layer_module(input_shape: tuple[int, ...], emit: Emit) -> tvm.IRModule:
@@ -57,21 +60,22 @@ class MeasureConfig:
     seconds: float = 0.05
 
 
-def build_vm(mod: tvm.IRModule, target: tvm.target.Target, tune_cfg: TuneConfig) -> relax.VirtualMachine:
-    """`mod` legalized, tuned with `tune_cfg` (or default schedules), built, on the CPU."""
-    mod = legalize(mod, target, weight_prepack=False)
-    if tune_cfg.trials_per_task > 0:
-        tune(mod, target, tune_cfg, progress=False)
-    mod = schedule(mod, target, tune_cfg.work_dir, weight_prepack=False)
-    return relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())
+def build_vms(mods: dict[Key, tvm.IRModule], target: tvm.target.Target,
+              tune_cfg: TuneConfig, progress: bool = False) -> dict[Key, relax.VirtualMachine]:
+    """Every module legalized, all their kernels tuned in one session with `tune_cfg` (or given
+    default schedules), built, on the CPU."""
+    legal = {key: legalize(mod, target, weight_prepack=False) for key, mod in mods.items()}
+    if tune_cfg.trials_per_task > 0 and legal:
+        tune(list(legal.values()), target, tune_cfg, progress)
+    return {key: relax.VirtualMachine(tvm.compile(schedule(mod, target, tune_cfg.work_dir, weight_prepack=False),
+                                                  target), tvm.cpu())
+            for key, mod in legal.items()}
 
 
-def time_layer(mods: dict[str, tvm.IRModule], input_shape: tuple[int, ...], target: tvm.target.Target,
-               tune_cfg: TuneConfig, cfg: MeasureConfig = MeasureConfig()
-               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Median ms of each implementation on a random float32 input of `input_shape`, and its
-    output on that input (for the caller's correctness check)."""
-    vms = {kind: build_vm(mod, target, tune_cfg) for kind, mod in mods.items()}
+def time_vms(vms: dict[str, relax.VirtualMachine], input_shape: tuple[int, ...],
+             cfg: MeasureConfig = MeasureConfig()) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Median ms of each built implementation on a random float32 input of `input_shape`, and
+    its output on that input (for the caller's correctness check)."""
     x = tvm.runtime.tensor(np.random.default_rng(0).standard_normal(input_shape).astype("float32"))
     outputs = {kind: vm["main"](x).numpy() for kind, vm in vms.items()}
     timers = {}
@@ -83,3 +87,10 @@ def time_layer(mods: dict[str, tvm.IRModule], input_shape: tuple[int, ...], targ
         for kind, timer in timers.items():
             times[kind].append(timer(x).mean)
     return {kind: float(np.median(t)) * 1e3 for kind, t in times.items()}, outputs
+
+
+def time_layer(mods: dict[str, tvm.IRModule], input_shape: tuple[int, ...], target: tvm.target.Target,
+               tune_cfg: TuneConfig, cfg: MeasureConfig = MeasureConfig()
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """`time_vms` of the implementations `mods` built by `build_vms`."""
+    return time_vms(build_vms(mods, target, tune_cfg), input_shape, cfg)

@@ -167,8 +167,10 @@ def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[ms.Extra
     return [t for t in ms.relax_integration.extract_tasks(mod, target) if not t.mod.attrs.get("tirx.is_scheduled", False)]
 
 
-def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress: bool = True) -> TuneReport:
-    """Give every kernel of ``mod`` up to ``cfg.trials_per_task`` trials in total.
+def tune(mod: tvm.IRModule | list[tvm.IRModule], target: tvm.target.Target, cfg: TuneConfig,
+         progress: bool = True) -> TuneReport:
+    """Give every kernel of ``mod`` (or of several modules, tuned in one session; a kernel
+    they share is tuned once) up to ``cfg.trials_per_task`` trials in total.
 
     Trials already spent on a kernel (in any earlier run, for any model) count:
     kernels are tuned only by the difference, so an unchanged budget tunes nothing.
@@ -179,9 +181,12 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, cfg: TuneConfig, progress
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    tasks = extract_tasks(mod, target)
+    unique: dict[str, ms.ExtractedTask] = {}
+    for one in mod if isinstance(mod, list) else [mod]:
+        for task in extract_tasks(one, target):
+            unique.setdefault(_task_key(task, target), task)
+    keys, tasks = list(unique), list(unique.values())
     ledger = _read_ledger(work_dir)
-    keys = [_task_key(t, target) for t in tasks]
     groups: dict[int, list[int]] = {}  # trials still owed -> kernels owed that many
     for i, key in enumerate(keys):
         owed = cfg.trials_per_task - ledger.get(key, 0)

@@ -83,11 +83,12 @@ def test_every_kind_rewritten_computes_the_planned_torch_view(digits, target, tm
     from lut_compiler.onnx_import import import_onnx
     from lut_compiler.torch_view import OnnxModule
 
-    def fake_time(mods, input_shape, *_args, **_kwargs):
-        winner = "sparse" if input_shape[-1] == 64 else "lut" if "sparse" in mods else "int8"
-        return {kind: 1.0 if kind == winner else 5.0 for kind in mods}, {}
+    def fake_time(vms, input_shape, *_args, **_kwargs):
+        winner = "sparse" if input_shape[-1] == 64 else "lut" if "sparse" in vms else "int8"
+        return {kind: 1.0 if kind == winner else 5.0 for kind in vms}, {}
 
-    monkeypatch.setattr(auto, "time_layer", fake_time)
+    monkeypatch.setattr(auto, "build_vms", lambda mods, *_args: mods)
+    monkeypatch.setattr(auto, "time_vms", fake_time)
     path, feeds, labels = digits
     imported = import_onnx(str(path), {"x": (BATCH, 64)})
     mod, result = auto.apply_auto(imported, AutoConfig(Budget("accuracy", 100.0), prune=0.5), feeds, target,

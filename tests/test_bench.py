@@ -1,6 +1,6 @@
 """``lutc bench --quick`` end to end: every system measured, outputs match ORT, files written.
 
-About 3-4 minutes on 2 cores (MetaSchedule tunings of the MLP at 2 trials per task).
+About 5 minutes on 2 cores (MetaSchedule tunings of the MLP at 2 trials per task).
 """
 
 import json
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse"}
-LOSSY = {"lutc-lut", "lutc-sparse"}
+SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-auto"}
+LOSSY = {"lutc-lut", "lutc-sparse", "lutc-auto"}
+TEST_DIGITS = 360  # the mlp's test split: every system is scored on all of it
 
 
 def _lutc() -> list[str]:
@@ -31,22 +32,29 @@ def test_quick_bench(tmp_path):
     rows = results["rows"]
     assert {r["system"] for r in rows} == SYSTEMS
     assert all(r["model"] == "mlp" and r["shape"] == "b1" for r in rows)
+    ort = next(r for r in rows if r["system"] == "ort")
     for row in rows:
         assert row["status"] == "ok", row
+        assert row["eval_samples"] == TEST_DIGITS and 0 <= row["top1"] <= 100, row
         assert row["median_s"] > 0 and row["rounds"] == 3 and len(row["per_round_s"]) == 3, row
         assert 0 < row["p10_s"] <= row["median_s"] <= row["p90_s"], row
         if row["system"] in LOSSY:  # its error is reported, not bounded here
             assert 0 < row["max_abs_err"] < float("inf") and 0 < row["cosine"] < 1, row
         else:
-            assert row["max_abs_err"] < 1e-4 and row["cosine"] > 0.99999, row
+            assert row["max_abs_err"] < 1e-4 and row["cosine"] > 0.99999 and abs(row["top1"] - ort["top1"]) <= 100 / TEST_DIGITS, row
         assert row["ratio_to_ort"] > 0, row
+    auto = next(r for r in rows if r["system"] == "lutc-auto")
+    assert {layer["choice"] for layer in auto["plan"]["layers"]} <= {"dense", "int8", "sparse", "lut"}
+    assert len(auto["plan"]["layers"]) == 3 and auto["plan"]["budget"] == 1.0
+    assert auto["top1"] >= ort["top1"] - 3.0  # 1 point on validation rows; the test split may differ a little
     tuned = {r["system"]: r for r in rows if r["system"] in {"tvm-tuned", "lutc"} | LOSSY}
     assert all(r["tune_s"] > 0 and r["tuning"]["trials_per_task"] == 2 for r in tuned.values())
     assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2
     assert results["machine"]["cores"] >= 1 and results["machine"]["mcpu"]
     assert {"apache-tvm", "onnxruntime", "lut-compiler"} <= set(results["versions"])
 
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("results.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "results.md").read_text()
     assert "| model | shape | system | median ms" in markdown and markdown.count("| mlp | b1 |") == len(SYSTEMS)
     assert "tvm-tuned" in done.stdout  # the printed table

