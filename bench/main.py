@@ -55,26 +55,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from parsed options; --quick fills what was not given explicitly."""
-    from ..errors import LutcError
+    from ..errors import UsageError
     from ..target import host_cores
 
     quick = QUICK if args.quick else {}
     models = [m for group in args.models for m in group] if args.models else quick.get("models", DEFAULT_MODELS)
     unknown = sorted(set(args.systems) - set(SYSTEMS))
     if unknown:
-        raise LutcError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+        raise UsageError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     trials = args.trials if args.trials is not None else quick.get("trials", 16)
     repeat = args.repeat if args.repeat is not None else quick.get("repeat", 10)
     if trials < 0 or repeat < 1 or args.block_seconds <= 0 or args.seq < 1:
-        raise LutcError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1")
+        raise UsageError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1")
     from .. import zoo
 
     unknown = sorted(m for m in models if m not in zoo.MODELS and not Path(m).is_file())
     if unknown:
-        raise LutcError(f"{', '.join(unknown)}: neither a zoo model ({', '.join(zoo.MODELS)}) nor an ONNX file")
+        raise UsageError(f"{', '.join(unknown)}: neither a zoo model ({', '.join(zoo.MODELS)}) nor an ONNX file")
     batches = args.batch or quick.get("batch")
     if batches and min(batches) < 1:
-        raise LutcError("--batch sizes must be >= 1")
+        raise UsageError("--batch sizes must be >= 1")
     return BenchConfig(
         cases=default_cases(list(models), batches, args.seq, dict(args.input_shape)),
         systems=tuple(s for s in SYSTEMS if s in args.systems),

@@ -9,9 +9,11 @@ The exported library needs only ``tvm`` to run::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .errors import LutcError
+from .errors import LutcError, OutputError
 from .feeds import check_feeds
 from .tensor_spec import TensorSpec
 
@@ -53,6 +55,14 @@ def quiet_native_stderr():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -121,21 +131,34 @@ class CompiledModel:
         }
 
     def export(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``model.so`` and ``manifest.json`` into out_dir, all or nothing."""
+        """Write ``model.so`` and ``manifest.json`` into out_dir, all or nothing: both are
+        written to a staging dir beside it and renamed into place; the manifest names the
+        library's sha256, so `load` refuses a library that is not the one it describes."""
         out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        staging = None
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             with quiet_native_stderr():
                 self.executable.export_library(str(staging / LIBRARY))
-            (staging / MANIFEST).write_text(json.dumps(self.manifest(), indent=2) + "\n")
+            manifest = {**self.manifest(), "library_sha256": _sha256(staging / LIBRARY)}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if out.exists():
                 for name in (LIBRARY, MANIFEST):
                     os.replace(staging / name, out / name)
             else:
                 os.replace(staging, out)
+        except OSError as err:
+            raise OutputError(f"cannot write {out}: {err.strerror or err}") from None
+        except RuntimeError as err:  # the linker writing model.so reports file-system errors as text
+            reason = re.search(r"(No space left on device|Read-only file system|Permission denied|Disk quota exceeded)",
+                               str(err))
+            if reason is None:
+                raise
+            raise OutputError(f"cannot write {out}: {reason.group(1)}") from None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
         return out
 
 
@@ -153,7 +176,10 @@ def load(out_dir: str | os.PathLike) -> CompiledModel:
     library = out / manifest["library"]
     if not library.is_file():
         raise LutcError(f"{library} not found")
-    record = {k: v for k, v in manifest.items() if k not in ("format", "library", "entry", "inputs", "outputs", "versions")}
+    if manifest.get("library_sha256") not in (None, _sha256(library)):
+        raise LutcError(f"{library} is not the library {out / MANIFEST} describes (sha256 differs)")
+    record = {k: v for k, v in manifest.items()
+              if k not in ("format", "library", "library_sha256", "entry", "inputs", "outputs", "versions")}
     return CompiledModel(
         None,
         [TensorSpec.from_json(s) for s in manifest["inputs"]],

@@ -11,8 +11,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 1
 
 
 def parse_shape_binding(text: str) -> tuple[str, tuple[int, ...]]:
@@ -210,9 +208,9 @@ def _config(args, default_trials: int):
 
 
 def _usage(message: str):
-    from .errors import LutcError
+    from .errors import UsageError
 
-    return LutcError(message)
+    return UsageError(message)
 
 
 def cmd_compile(args) -> None:
@@ -221,9 +219,13 @@ def cmd_compile(args) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise _usage(f"output {out} exists and is not a directory")
+    _check_writable(out.parent)
     config = _config(args, default_trials=0)
     if args.calib and not (config.lut or config.auto or (config.sparse and config.sparse.sparsity is not None)):
         raise _usage("--calib is only used with --lut, --prune or --auto")
+    if not args.calib and (config.lut or config.auto):
+        step = "lookup-add rewrite" if config.lut else "per-layer plan"
+        raise _usage(f"the {step} needs calibration data (--calib DATA.npz)")
     if args.lut_learn and not (config.lut or config.auto):
         raise _usage("--lut-learn is only used with --lut or --auto")
     if (args.max_drop is not None or args.min_cosine is not None) and not (config.lut or config.auto):
@@ -252,6 +254,18 @@ def cmd_compile(args) -> None:
 
         print(format_auto(model.record["auto"]))
     print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail before compiling when the output cannot be written (read-only, no space for a file)."""
+    from .errors import OutputError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".lutc-probe."):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write into {directory}: {err.strerror or err}") from None
 
 
 def _load_labels(path: str):
@@ -393,7 +407,7 @@ def _subparser_class(options: argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import LutcError
+    from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_USAGE, LutcError, UsageError
 
     try:
         args.func(args)
@@ -401,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_USAGE if isinstance(err, UsageError) else EXIT_INPUT
+    except OSError as err:  # the file system said no: a read-only or full output location, ...
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -1,12 +1,22 @@
 """User-facing errors: each names the problem in one line.
 
-The CLI prints them as ``error: <message>`` and exits non-zero; anything else
-that escapes is an internal error.
+The CLI prints them as ``error: <message>`` and exits with the code of their family:
+EXIT_USAGE for the command line, EXIT_INPUT for what it points at (model, data, target,
+an output location that cannot be written); anything else that escapes is our bug
+(EXIT_INTERNAL).
 """
+
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2  # argparse exits with 2 as well
+EXIT_INPUT = 3
 
 
 class LutcError(Exception):
     """A problem with what the user gave us (model, shapes, data, target)."""
+
+
+class UsageError(LutcError):
+    """Options that contradict each other or miss a companion (the command line itself)."""
 
 
 class ModelLoadError(LutcError):
@@ -27,6 +37,10 @@ class FeedError(LutcError):
 
 class TargetError(LutcError):
     """The target description is malformed or names an unknown CPU."""
+
+
+class OutputError(LutcError):
+    """The output location cannot be written (read-only, full, not a directory)."""
 
 
 class CalibrationError(LutcError):

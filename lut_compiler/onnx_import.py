@@ -7,9 +7,11 @@ a graph simplifier (onnxslim) first makes both import and match ONNX Runtime.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
+import re
 import warnings
 from collections import defaultdict
 from contextlib import redirect_stdout
@@ -19,8 +21,11 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
+from .artifact import quiet_native_stderr
 from .errors import ModelLoadError, ShapeError, UnsupportedModelError
 from .tensor_spec import TensorSpec
+
+MIN_OPSET = 7  # the oldest default-domain opset ONNX Runtime (the reference) runs
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto
 
@@ -63,10 +68,21 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         if not path.is_file():
             raise ModelLoadError(f"model file not found: {path}")
         model = _parse(path.read_bytes(), label)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        for tensor in external:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if not (path.parent / location).is_file():
+                raise ModelLoadError(f"{label}: external data file {location!r} of tensor {tensor.name!r} not found "
+                                     f"next to the model")
+        if external:
             onnx.load_external_data_for_model(model, str(path.parent))
     if not model.graph.node:
         raise ModelLoadError(f"{label} has no graph nodes (empty or truncated ONNX file)")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None or not MIN_OPSET <= opset <= newest:
+        raise ModelLoadError(f"{label} uses ONNX opset {opset}; supported: {MIN_OPSET} to {newest} "
+                             "(onnx.version_converter can convert it)")
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as err:
@@ -211,12 +227,19 @@ def import_onnx(source: ModelSource, input_shapes: dict[str, tuple[int, ...]] | 
     sha256 = hashlib.sha256(original.SerializeToString()).hexdigest()
     model = simplify(bind_shapes(original, input_shapes or {}))
     check_supported(model)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            mod = from_onnx(model, keep_params_in_input=False)
-    except Exception as err:
-        raise UnsupportedModelError(f"ONNX import into Relax failed: {_first_line(err)}") from None
+    said, failure = io.StringIO(), None  # the frontend prints the operator it failed on
+    with quiet_native_stderr():  # and a failed conversion leaves C++ warnings when collected
+        try:
+            with warnings.catch_warnings(), redirect_stdout(said):
+                warnings.simplefilter("ignore")
+                mod = from_onnx(model, keep_params_in_input=False)
+        except Exception as err:
+            failure = _first_line(err)
+        gc.collect()
+    if failure is not None:
+        failed = re.search(r"Error converting operator (\w+)", said.getvalue())
+        where = f" at operator {failed.group(1)}" if failed else ""
+        raise UnsupportedModelError(f"ONNX import into Relax failed{where}: {failure}")
     inputs = [
         TensorSpec(i.name, tuple(_dims(i)), onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
         for i in graph_inputs(model)

@@ -17,6 +17,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from .config import TuneConfig
 from .errors import LutcError
 
 LEDGER = "trials.json"
+LOCK = ".lock"
+DATABASE_FILES = ("database_workload.json", "database_tuning_record.json")  # JSONDatabase's, one record a line
 
 
 def build_without_intrinsics(mod: tvm.IRModule, target: tvm.target.Target) -> str:
@@ -111,6 +115,48 @@ def _task_key(task: ms.ExtractedTask, target: tvm.target.Target) -> str:
     return f"{tvm_ffi.structural_hash(task.dispatched[0]):x}:{target}"
 
 
+@contextmanager
+def work_dir_lock(work_dir: Path, exclusive: bool):
+    """Hold ``work_dir/.lock`` (flock: released by the kernel if the process dies); says so
+    on stderr when it has to wait for another process."""
+    import fcntl
+
+    with open(work_dir / LOCK, "a") as handle:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {work_dir}: another lutc process is using it", file=sys.stderr)
+            fcntl.flock(handle, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def repair_database(work_dir: Path) -> int:
+    """Drop a torn last line from the database files (a run killed while appending one; every
+    complete line is a committed record and is kept). Returns the lines dropped."""
+    dropped = 0
+    for name in DATABASE_FILES:
+        path = work_dir / name
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        tail = data[keep:]
+        if tail.strip():
+            try:
+                json.loads(tail)
+                continue  # a complete last line without its newline
+            except ValueError:
+                dropped += 1
+            tmp = path.with_name(f".{name}.{os.getpid()}")
+            tmp.write_bytes(data[:keep])
+            os.replace(tmp, path)
+    return dropped
+
+
 def _read_ledger(work_dir: Path) -> dict[str, int]:
     try:
         return json.loads((work_dir / LEDGER).read_text())
@@ -139,10 +185,13 @@ def _task_logger(work_dir: Path, name: str) -> logging.Logger:
 
 @derived_object
 class MeasureCounter(ms.measure_callback.PyMeasureCallback):
-    """Counts measured candidates per task, drives a progress bar, keeps the first errors."""
+    """Counts measured candidates per task, drives a progress bar, keeps the first errors;
+    `on_batch(task_id, trials so far)` runs after each measured batch (after the
+    database committed it: the default callbacks come first)."""
 
-    def __init__(self, bar) -> None:
+    def __init__(self, bar, on_batch: Callable[[int, int], None] | None = None) -> None:
         self.bar = bar
+        self.on_batch = on_batch
         self.trials: dict[int, int] = {}
         self.ok = 0
         self.errors: list[str] = []
@@ -160,6 +209,8 @@ class MeasureCounter(ms.measure_callback.PyMeasureCallback):
             elif len(self.errors) < 3:
                 self.errors.append(error.strip().splitlines()[-1])
         self.bar.update(len(measure_candidates))
+        if self.on_batch is not None:
+            self.on_batch(task_id, self.trials[task_id])
 
 
 def extract_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[ms.ExtractedTask]:
@@ -173,20 +224,31 @@ def tune(mod: tvm.IRModule | list[tvm.IRModule], target: tvm.target.Target, cfg:
     they share is tuned once) up to ``cfg.trials_per_task`` trials in total.
 
     Trials already spent on a kernel (in any earlier run, for any model) count:
-    kernels are tuned only by the difference, so an unchanged budget tunes nothing.
+    kernels are tuned only by the difference, so an unchanged budget tunes nothing. The
+    work dir is locked for the run: a second process tuning into it waits.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    database = ms.database.JSONDatabase(work_dir=str(work_dir))
-    unique: dict[str, ms.ExtractedTask] = {}
-    for one in mod if isinstance(mod, list) else [mod]:
-        for task in extract_tasks(one, target):
-            unique.setdefault(_task_key(task, target), task)
-    keys, tasks = list(unique), list(unique.values())
-    ledger = _read_ledger(work_dir)
+    with work_dir_lock(work_dir, exclusive=True):
+        repair_database(work_dir)
+        database = ms.database.JSONDatabase(work_dir=str(work_dir))
+        unique: dict[str, ms.ExtractedTask] = {}
+        for one in mod if isinstance(mod, list) else [mod]:
+            for task in extract_tasks(one, target):
+                unique.setdefault(_task_key(task, target), task)
+        keys, tasks = list(unique), list(unique.values())
+        ledger = _read_ledger(work_dir)
+        new_trials = _tune_owed(tasks, keys, ledger, database, target, cfg, work_dir, progress)
+        return _report(tasks, keys, ledger, new_trials, database, target, time.perf_counter() - start, work_dir)
+
+
+def _tune_owed(tasks, keys, ledger, database, target, cfg: TuneConfig, work_dir: Path, progress: bool) -> dict[int, int]:
+    """Tune each kernel by the trials it is still owed; the ledger is rewritten after every
+    measured batch, so a run killed at any point resumes where it stopped. Returns task
+    index -> new trials."""
+    from tqdm import tqdm
+
     groups: dict[int, list[int]] = {}  # trials still owed -> kernels owed that many
     for i, key in enumerate(keys):
         owed = cfg.trials_per_task - ledger.get(key, 0)
@@ -196,38 +258,49 @@ def tune(mod: tvm.IRModule | list[tvm.IRModule], target: tvm.target.Target, cfg:
     if cfg.max_trials is not None:
         budget = min(budget, cfg.max_trials)
     new_trials: dict[int, int] = {}
-    if budget > 0:
-        load_cpu_tensor_intrinsics(target)
-        builder = PooledBuilder(max_workers=int(target.attrs.get("num-cores", 1)))
-        runner = ms.runner.LocalRunner()
-        try:
-            _seed_default_schedules(tasks, [i for i, k in enumerate(keys) if k not in ledger], target, database,
-                                    builder, runner)
-            ok, errors = 0, []
-            with tqdm(total=budget, desc="tuning", unit="trial", disable=not progress, leave=False) as bar:
-                for owed, ids in sorted(groups.items()):
-                    group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
-                    if group_budget <= 0:
-                        break
-                    counter = MeasureCounter(bar)
-                    contexts = _contexts(tasks, ids, target, owed, cfg.seed, work_dir)
-                    ms.tune_tasks(
-                        tasks=contexts, task_weights=[float(tasks[i].weight) for i in ids], work_dir=str(work_dir),
-                        max_trials_global=group_budget, max_trials_per_task=owed,
-                        num_trials_per_iter=min(64, owed), builder=builder, runner=runner, database=database,
-                        measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
-                    )
-                    ok, errors = ok + counter.ok, errors + counter.errors
-                    for k, i in enumerate(ids):
-                        new_trials[i] = counter.trials.get(k, 0)
-                        # A kernel whose search space ran out before its budget is done too.
-                        served = group_budget == owed * len(ids)
-                        ledger[keys[i]] = cfg.trials_per_task if served else ledger.get(keys[i], 0) + new_trials[i]
-        finally:
-            builder.shutdown()
-        if ok == 0:
-            raise LutcError(f"tuning measured no candidate successfully; first error: {(errors or ['none'])[0]}")
-        _write_ledger(work_dir, ledger)
+    if budget <= 0:
+        return new_trials
+    load_cpu_tensor_intrinsics(target)
+    builder = PooledBuilder(max_workers=int(target.attrs.get("num-cores", 1)))
+    runner = ms.runner.LocalRunner()
+    try:
+        _seed_default_schedules(tasks, [i for i, k in enumerate(keys) if k not in ledger], target, database,
+                                builder, runner)
+        ok, errors = 0, []
+        with tqdm(total=budget, desc="tuning", unit="trial", disable=not progress, leave=False) as bar:
+            for owed, ids in sorted(groups.items()):
+                group_budget = min(owed * len(ids), budget - sum(new_trials.values()))
+                if group_budget <= 0:
+                    break
+                before = {i: ledger.get(keys[i], 0) for i in ids}
+
+                def record(k: int, trials: int, ids=ids, before=before) -> None:
+                    ledger[keys[ids[k]]] = before[ids[k]] + trials
+                    _write_ledger(work_dir, ledger)
+
+                counter = MeasureCounter(bar, record)
+                contexts = _contexts(tasks, ids, target, owed, cfg.seed, work_dir)
+                ms.tune_tasks(
+                    tasks=contexts, task_weights=[float(tasks[i].weight) for i in ids], work_dir=str(work_dir),
+                    max_trials_global=group_budget, max_trials_per_task=owed,
+                    num_trials_per_iter=min(64, owed), builder=builder, runner=runner, database=database,
+                    measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
+                )
+                ok, errors = ok + counter.ok, errors + counter.errors
+                for k, i in enumerate(ids):
+                    new_trials[i] = counter.trials.get(k, 0)
+                    # A kernel whose search space ran out before its budget is done too.
+                    served = group_budget == owed * len(ids)
+                    ledger[keys[i]] = cfg.trials_per_task if served else before[i] + new_trials[i]
+    finally:
+        builder.shutdown()
+    _write_ledger(work_dir, ledger)
+    if ok == 0:
+        raise LutcError(f"tuning measured no candidate successfully; first error: {(errors or ['none'])[0]}")
+    return new_trials
+
+
+def _report(tasks, keys, ledger, new_trials, database, target, seconds: float, work_dir: Path) -> TuneReport:
     results = []
     for i, task in enumerate(tasks):
         record = database.query_tuning_record(task.dispatched[0], target, "main")
@@ -236,7 +309,7 @@ def tune(mod: tvm.IRModule | list[tvm.IRModule], target: tvm.target.Target, cfg:
             best = 1e6 * min(float(s) for s in record.run_secs)
         results.append(TaskResult(task.task_name, _flops(task), int(task.weight),
                                   new_trials.get(i, 0), ledger.get(keys[i], 0), best))
-    return TuneReport(results, time.perf_counter() - start, str(work_dir))
+    return TuneReport(results, seconds, str(work_dir))
 
 
 def _flops(task: ms.ExtractedTask) -> float:
@@ -310,7 +383,9 @@ def _seed_default_schedules(tasks, ids, target, database, builder, runner) -> No
 
 def apply_database(mod: tvm.IRModule, target: tvm.target.Target, work_dir: str) -> tvm.IRModule:
     """Replace every kernel the database has a record for by its best schedule."""
-    if not (Path(work_dir) / "database_workload.json").exists():
+    if not (Path(work_dir) / DATABASE_FILES[0]).exists():
         return mod
-    with target, ms.database.JSONDatabase(work_dir=work_dir):
-        return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+    with work_dir_lock(Path(work_dir), exclusive=True):
+        repair_database(Path(work_dir))
+        with target, ms.database.JSONDatabase(work_dir=work_dir):
+            return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)

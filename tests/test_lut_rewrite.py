@@ -236,7 +236,7 @@ def test_cli_lut_needs_good_calibration(tmp_path, models):
     assert done.returncode == 2 and done.stderr.strip().startswith("error: the lookup-add rewrite needs calibration")
     np.savez(tmp_path / "bad.npz", x=np.full((4, 48), np.nan, np.float32))
     done = lutc("compile", models["mlp"], "-o", out, "--input-shape", "x=1x48", "--lut", "--calib", tmp_path / "bad.npz")
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert done.stderr.strip().splitlines() == ["error: calibration sample 0: input 'x' contains NaN"]
     done = lutc("compile", models["mlp"], "-o", out, "--input-shape", "x=1x48", "--calib", tmp_path / "bad.npz")
     assert done.returncode == 2 and done.stderr.strip() == "error: --calib is only used with --lut, --prune or --auto"
@@ -244,7 +244,7 @@ def test_cli_lut_needs_good_calibration(tmp_path, models):
     np.save(tmp_path / "labels.npy", np.zeros(3, np.int64))
     done = lutc("compile", models["mlp"], "-o", out, "--input-shape", "x=1x48", "--lut", "--calib",
                 tmp_path / "good.npz", "--labels", tmp_path / "labels.npy", "-q")
-    assert done.returncode == 2
+    assert done.returncode == 3
     assert done.stderr.strip().splitlines() == ["error: 3 labels do not split evenly over 4 calibration samples"]
     assert not out.exists()
 
