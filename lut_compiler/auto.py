@@ -6,7 +6,8 @@ lookup-add, pruned or detected block-sparse weights for sparse) and then:
 
 - latency: the layer alone as each option, lowered and tuned like the model (same budget and
   database), timed in alternating rounds on the target (`layer_timing`); layers with the same
-  shapes share one measurement per option (`LayerOptions.timing_key`);
+  shapes share one measurement per option (`LayerOptions.timing_key`), and times measured by
+  an earlier compile with the same database are reused (`LayerTimes`);
 - accuracy cost: the metric lost on validation samples when only this layer takes the option
   (the torch view computes exactly what the kernels do: PQ layers, masked sparse weights);
 - plan: the least summed latency whose summed costs fit the budget (`planner`); the whole plan
@@ -32,7 +33,7 @@ from .config import AutoConfig, SparseConfig, TuneConfig
 from .distill import learn_centroids, pq_module
 from .int8 import Int8Module, int8_layer
 from .layer_choice import Metric, within
-from .layer_timing import build_vms, dense_call, layer_module, time_vms
+from .layer_timing import LayerTimes, build_vms, dense_call, layer_module, time_vms
 from .lut import labels_per_sample
 from .lut_report import format_agreement
 from .lut import plan as lut_plans
@@ -137,14 +138,17 @@ def apply_auto(imported: ImportedModel, cfg: AutoConfig, calibration: Calibratio
         for kind, key in layer_keys.items():
             if key not in mods:
                 mods[key] = layer_module(layer.candidate.input_shape, layer.emit(kind, target))
-    vms = build_vms(mods, target, tune_cfg, progress)  # one tuning session for every option of every layer
-    measured: dict[tuple, float] = {}
+    times = LayerTimes(target, tune_cfg)  # what an earlier compile with this database measured
+    measured = {key: ms for key, mod in mods.items() if (ms := times.get(mod)) is not None}
+    vms = build_vms({key: mod for key, mod in mods.items() if key not in measured}, target, tune_cfg,
+                    progress)  # one tuning session for every option of every layer
     for layer, layer_keys in tqdm(list(zip(layers, keys)), desc="measure options", unit="layer",
                                   disable=not progress, leave=False):
         todo = {kind: vms[key] for kind, key in layer_keys.items() if key not in measured}
         if todo:
-            ms = time_vms(todo, layer.candidate.input_shape)[0]
-            measured.update({layer_keys[kind]: round(v, 4) for kind, v in ms.items()})
+            ms = {kind: round(v, 4) for kind, v in time_vms(todo, layer.candidate.input_shape)[0].items()}
+            measured.update({layer_keys[kind]: v for kind, v in ms.items()})
+            times.update({mods[layer_keys[kind]]: v for kind, v in ms.items()})
         layer.ms = {kind: measured[key] for kind, key in layer_keys.items()}
         layer.cost = {kind: round(scale * (baseline - metric.of_modules({layer.candidate.name: layer.module(kind)})), 5)
                       for kind in layer.kinds()}

@@ -11,8 +11,11 @@ the fp32 model, on held-out samples).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +40,60 @@ from .tuning import tune
 
 
 PHASES = ("import", "lut", "sparse", "auto", "legalize", "tune", "schedule", "build", "evaluate")
+
+
+def reproducibility(config: CompileConfig, source_sha256: str, calibration: CalibrationSource | None,
+                    labels: np.ndarray | None) -> dict:
+    """What fixes the compiled model's outputs: the same source, config (its seeds listed
+    here), calibration data, database (tuning records and measured layer times) and versions
+    compile to a model whose outputs on the same inputs are byte-identical
+    (tests/test_determinism.py). Digests are sha256; None: nothing of that kind was used or it
+    cannot be hashed (calibration from an iterator)."""
+    from .layer_timing import LAYER_TIMES
+    from .tuning import DATABASE_FILES
+
+    digest = hashlib.sha256()
+    work_dir = Path(config.tune.work_dir)
+    files = [work_dir / name for name in (*DATABASE_FILES, LAYER_TIMES) if (work_dir / name).is_file()]
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {
+        "source_sha256": source_sha256,
+        "seeds": _seeds(config.to_json()),
+        "calibration_sha256": _data_digest(calibration),
+        "labels_sha256": _data_digest(labels),
+        "database_sha256": digest.hexdigest() if files else None,
+        "database": str(work_dir.resolve()) if files else None,
+    }
+
+
+def _seeds(config: dict, prefix: str = "") -> dict[str, int]:
+    """Every `seed` field in the config JSON, by dotted path."""
+    found = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found.update(_seeds(value, f"{prefix}{key}."))
+        elif key == "seed":
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def _data_digest(data) -> str | None:
+    """sha256 of a file, an array, or a name -> array mapping (names sorted)."""
+    if data is None:
+        return None
+    digest = hashlib.sha256()
+    if isinstance(data, (str, os.PathLike)):
+        digest.update(Path(data).read_bytes())
+    elif isinstance(data, np.ndarray):
+        digest.update(np.ascontiguousarray(data).tobytes())
+    elif isinstance(data, Mapping):
+        for name in sorted(data):
+            value = np.ascontiguousarray(data[name])
+            digest.update(f"{name}:{value.dtype}:{value.shape}".encode() + value.tobytes())
+    else:
+        return None
+    return digest.hexdigest()
 
 
 class _Phases:
@@ -125,6 +182,7 @@ def compile(  # noqa: A001 - the public verb
         "phases": phases.seconds,
         "tuning": report.to_json() if report else None,
         "sparse": sparse,
+        "reproducibility": reproducibility(config, imported.sha256, calibration, labels),
     }
     compiled = CompiledModel(executable, imported.inputs, imported.outputs, record)
     if lut is not None:
