@@ -5,6 +5,11 @@ The exported library needs only ``tvm`` to run::
     lib = tvm.runtime.load_module("out/model.so")
     vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
     outputs = vm["main"](*[tvm.runtime.tensor(x) for x in inputs])
+
+A model cross-compiled for another architecture is linked by ``{triple}-g++`` (or -gcc) if
+one is on PATH; without one it is exported as ``model.tar`` (its object files), which
+``tvm.runtime.load_module`` links on the target with the compiler there. The manifest's
+``"library"`` names the file.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -25,13 +30,17 @@ from pathlib import Path
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.support.cc import cross_compiler
+from tvm.support.tar import tar
 
 from .errors import LutcError, OutputError
 from .feeds import check_feeds
+from .target import runs_here
 from .tensor_spec import TensorSpec
 
 FORMAT = "lutc-artifact/1"
 LIBRARY = "model.so"
+OBJECTS = "model.tar"  # a foreign target's object files, linked where it runs
 MANIFEST = "manifest.json"
 
 
@@ -65,6 +74,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def library_writer(mtriple: str | None) -> tuple[str, Callable | None]:
+    """File name and ``export_library`` fcompile for code of `mtriple`: model.so linked by
+    this machine's compiler (None: here or unknown), by ``{mtriple}-g++``/``-gcc`` from PATH
+    (another architecture), or else model.tar of object files that the target links."""
+    if mtriple is None or runs_here(mtriple):
+        return LIBRARY, None
+    compiler = shutil.which(f"{mtriple}-g++") or shutil.which(f"{mtriple}-gcc")
+    if compiler is not None:
+        return LIBRARY, cross_compiler(compiler)
+    return OBJECTS, tar
+
+
 def versions() -> dict[str, str]:
     """Versions of what produced an artifact."""
     found = {"python": platform.python_version()}
@@ -92,8 +113,23 @@ class CompiledModel:
         self._vm = None
 
     @property
+    def mtriple(self) -> str | None:
+        return self.record.get("target", {}).get("mtriple")
+
+    def _check_runs_here(self) -> None:
+        """A one-line error for a model of another architecture (TVM's is an internal error)."""
+        if self.mtriple is not None and not runs_here(self.mtriple):
+            raise LutcError(f"this model is compiled for {self.mtriple}: run it there, not on this "
+                            f"{platform.machine()} machine")
+
+    def library_name(self) -> str:
+        """The file `export` writes the code into (`library_writer`)."""
+        return library_writer(self.mtriple)[0]
+
+    @property
     def executable(self):
         if self._executable is None:
+            self._check_runs_here()
             with quiet_native_stderr():
                 self._executable = tvm.runtime.load_module(str(self._library))
         return self._executable
@@ -101,6 +137,7 @@ class CompiledModel:
     @property
     def vm(self) -> relax.VirtualMachine:
         if self._vm is None:
+            self._check_runs_here()
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
@@ -121,7 +158,7 @@ class CompiledModel:
     def manifest(self) -> dict:
         return {
             "format": FORMAT,
-            "library": LIBRARY,
+            "library": self.library_name(),
             "entry": "main",
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
@@ -131,21 +168,26 @@ class CompiledModel:
         }
 
     def export(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``model.so`` and ``manifest.json`` into out_dir, all or nothing: both are
-        written to a staging dir beside it and renamed into place; the manifest names the
-        library's sha256, so `load` refuses a library that is not the one it describes."""
+        """Write the library (``model.so``, or ``model.tar`` for a foreign target without a
+        cross compiler: `library_writer`) and ``manifest.json`` into out_dir, all or nothing:
+        both are written to a staging dir beside it and renamed into place; the manifest
+        names the library and its sha256, so `load` refuses a library that is not the one it
+        describes. The other kind of library left by an earlier export is removed."""
         out = Path(out_dir)
+        library, fcompile = library_writer(self.mtriple)
         staging = None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             with quiet_native_stderr():
-                self.executable.export_library(str(staging / LIBRARY))
-            manifest = {**self.manifest(), "library_sha256": _sha256(staging / LIBRARY)}
+                self.executable.export_library(str(staging / library), fcompile=fcompile)
+            manifest = {**self.manifest(), "library_sha256": _sha256(staging / library)}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if out.exists():
-                for name in (LIBRARY, MANIFEST):
+                for name in (library, MANIFEST):
                     os.replace(staging / name, out / name)
+                for stale in {LIBRARY, OBJECTS} - {library}:
+                    (out / stale).unlink(missing_ok=True)
             else:
                 os.replace(staging, out)
         except OSError as err:

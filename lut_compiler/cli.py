@@ -46,13 +46,20 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tuning_args(p: argparse.ArgumentParser, default_trials: int) -> None:
-    from .config import PRESETS
+    from .config import PRESETS, RpcConfig
 
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help=f"MetaSchedule trials per kernel (default {default_trials}; 0 = no tuning)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named tuning budget instead of --trials")
     p.add_argument("--max-trials", type=int, default=None, metavar="N", help="cap on trials over all kernels")
     p.add_argument("--work-dir", default=".lutc/tuning", help="tuning database, reused across runs")
+    g = p.add_argument_group("measuring on another machine (TVM RPC; builds stay on this one)")
+    g.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure candidates on the RPC servers of this tracker")
+    g.add_argument("--rpc-key", metavar="KEY", help="the key the target's RPC servers registered with")
+    g.add_argument("--rpc-timeout", type=int, metavar="SECONDS",
+                   help=f"limit of one measurement session, and wait for a server (default {RpcConfig.timeout})")
+    g.add_argument("--rpc-parallel", type=int, metavar="N",
+                   help=f"measurements at once, on as many servers (default {RpcConfig.parallel})")
 
 
 def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
@@ -195,8 +202,9 @@ def _config(args, default_trials: int):
         trials_per_task=default_trials if trials is None else trials,
         max_trials=args.max_trials,
         work_dir=args.work_dir,
+        rpc=_rpc_config(args),
     )
-    return CompileConfig(
+    config = CompileConfig(
         input_shapes=dict(args.input_shape),
         tune=tune,
         weight_prepack=not getattr(args, "no_prepack", False),
@@ -205,6 +213,29 @@ def _config(args, default_trials: int):
         sparse=_sparse_config(args) if hasattr(args, "sparse") else None,
         auto=_auto_config(args) if hasattr(args, "auto") else None,
     )
+    if tune.rpc and (config.auto or (config.sparse and config.sparse.min_speedup > 0)):
+        raise _usage("--rpc-tracker measures tuning candidates only; --auto and --sparse time layers on this machine")
+    return config
+
+
+def _rpc_config(args):
+    """RpcConfig from --rpc-tracker HOST:PORT, --rpc-key and the optional --rpc-* limits."""
+    from .config import RpcConfig
+
+    limits = {"timeout": args.rpc_timeout, "parallel": args.rpc_parallel}
+    if args.rpc_tracker is None:
+        if args.rpc_key is not None or any(v is not None for v in limits.values()):
+            raise _usage("--rpc-key, --rpc-timeout and --rpc-parallel are only used with --rpc-tracker HOST:PORT")
+        return None
+    host, sep, port = args.rpc_tracker.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise _usage(f"--rpc-tracker must be HOST:PORT, e.g. 192.168.1.5:9190, got {args.rpc_tracker!r}")
+    if not args.rpc_key:
+        raise _usage("--rpc-tracker needs --rpc-key KEY (the key the target's RPC servers registered with)")
+    try:
+        return RpcConfig(host, int(port), args.rpc_key, **{k: v for k, v in limits.items() if v is not None})
+    except ValueError as err:
+        raise _usage(str(err)) from None
 
 
 def _usage(message: str):
@@ -253,7 +284,11 @@ def cmd_compile(args) -> None:
         from .auto import format_report as format_auto
 
         print(format_auto(model.record["auto"]))
-    print(f"wrote {out / 'model.so'} and {out / 'manifest.json'}")
+    library = model.library_name()
+    print(f"wrote {out / library} and {out / 'manifest.json'}")
+    if library.endswith(".tar"):
+        print(f"note: {library} holds {model.record['target']['mtriple']} object files and no linked library: "
+              f"tvm.runtime.load_module links it on the target (with its C++ compiler)")
 
 
 def _check_writable(directory: Path) -> None:

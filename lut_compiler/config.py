@@ -20,6 +20,33 @@ def check_layers(layers: str) -> None:
         raise ValueError(f"layers must be all, last:N or a regex, got {layers!r}")
 
 
+@dataclass(frozen=True)
+class RpcConfig:
+    """Measure tuning candidates on other machines through TVM's RPC tracker (builds stay
+    local): the servers registered with the tracker under `key` run them.
+
+    host, port: the tracker (``python -m tvm.exec.rpc_tracker``).
+    key: the key the target's servers registered with (``rpc_server --key``).
+    timeout: seconds one measurement session may last (upload, link, run), and how long
+        tuning waits for a server under `key` before it gives up.
+    parallel: measurements at once, each in its own session (on its own server).
+    """
+
+    host: str
+    port: int
+    key: str
+    timeout: int = 60
+    parallel: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.host or not 0 < self.port < 65536:
+            raise ValueError(f"RPC tracker must be HOST:PORT with a port in 1-65535, got {self.host}:{self.port}")
+        if not self.key:
+            raise ValueError("RPC key must not be empty")
+        if self.timeout <= 0 or self.parallel < 1:
+            raise ValueError(f"RPC timeout must be > 0 and parallel >= 1, got {self.timeout} and {self.parallel}")
+
+
 @dataclass
 class TuneConfig:
     """MetaSchedule budget and the on-disk database that makes tuning reusable.
@@ -28,14 +55,18 @@ class TuneConfig:
         kernel gets the default CPU schedule).
     max_trials: global cap over all kernels; None means trials_per_task x kernels.
     work_dir: JSON tuning database shared by all models and runs.
+    rpc: measure on the RPC servers of a tracker instead of this machine (None: here).
     """
 
     trials_per_task: int = 0
     max_trials: int | None = None
     work_dir: str = ".lutc/tuning"
     seed: int = 0
+    rpc: RpcConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.rpc, dict):
+            self.rpc = RpcConfig(**self.rpc)
         if self.trials_per_task < 0:
             raise ValueError(f"trials_per_task must be >= 0, got {self.trials_per_task}")
         if self.max_trials is not None and self.max_trials < 0:

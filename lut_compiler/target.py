@@ -22,6 +22,8 @@ FEATURES = (
 )
 
 _TRIPLES = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}
+# num-cores of a cross-compilation target that names none: a Raspberry Pi 4/5 class board.
+FOREIGN_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,18 @@ def describe(target: tvm.target.Target) -> CpuInfo:
     )
 
 
+def runs_here(mtriple: str) -> bool:
+    """Whether code for `mtriple` runs on this machine (same architecture)."""
+    return mtriple.split("-")[0] == platform.machine()
+
+
 def resolve_target(spec: str | dict | tvm.target.Target = "host") -> tvm.target.Target:
     """Turn ``"host"``, a CPU name (``"znver4"``), a JSON string or a dict into a Target.
 
-    Missing ``mtriple``/``num-cores`` are filled from the host; ``mcpu="native"`` is
-    replaced by the detected CPU name (TVM's LLVM would silently emit generic code).
+    For this machine's architecture, missing ``mtriple``/``num-cores`` are filled from the
+    host and ``mcpu="native"`` is replaced by the detected CPU name (TVM's LLVM would
+    silently emit generic code). An ``mtriple`` of another architecture takes nothing from
+    the host: see `_foreign_defaults`.
     """
     if isinstance(spec, tvm.target.Target):
         spec = dict(spec.export())
@@ -142,7 +151,26 @@ def resolve_target(spec: str | dict | tvm.target.Target = "host") -> tvm.target.
     spec = {k: v for k, v in spec.items() if v is not None}
     if spec.setdefault("kind", "llvm") != "llvm":
         raise TargetError(f"only CPU (llvm) targets are supported, got kind {spec['kind']!r}")
-    host = None
+    if "mtriple" in spec and not runs_here(str(spec["mtriple"])):
+        _foreign_defaults(spec)
+    else:
+        _host_defaults(spec)
+    # LLVM accepts unknown CPU names and silently falls back to generic code.
+    if not tvm.target.codegen.llvm_is_valid_cpu(str(spec["mcpu"]), str(spec["mtriple"])):
+        raise TargetError(
+            f"unknown CPU {spec['mcpu']!r} for {spec['mtriple']} (e.g. host, znver4, skylake-avx512, x86-64-v3; "
+            f"another architecture needs its mtriple)"
+        )
+    try:
+        target = tvm.target.Target(spec)
+    except Exception as err:  # TVM reports bad keys/values as generic errors
+        raise TargetError(f"invalid target {json.dumps(spec)}: {str(err).splitlines()[0]}") from None
+    return target
+
+
+def _host_defaults(spec: dict) -> None:
+    """Fill a target of this machine's architecture: the detected CPU for a missing or
+    "native" mcpu (minus the features the OS hides), the host's triple and core count."""
     if spec.get("mcpu", "native") == "native" or "mtriple" not in spec:
         host = detect_host()
         if spec.get("mcpu", "native") == "native":
@@ -151,13 +179,14 @@ def resolve_target(spec: str | dict | tvm.target.Target = "host") -> tvm.target.
                 spec.setdefault("mattr", list(host.mattr))
         spec.setdefault("mtriple", host.mtriple)
     spec.setdefault("num-cores", host_cores())
-    # LLVM accepts unknown CPU names and silently falls back to generic code.
-    if not tvm.target.codegen.llvm_is_valid_cpu(str(spec["mcpu"]), str(spec["mtriple"])):
-        raise TargetError(
-            f"unknown CPU {spec['mcpu']!r} for {spec['mtriple']} (e.g. host, znver4, skylake-avx512, x86-64-v3)"
-        )
-    try:
-        target = tvm.target.Target(spec)
-    except Exception as err:  # TVM reports bad keys/values as generic errors
-        raise TargetError(f"invalid target {json.dumps(spec)}: {str(err).splitlines()[0]}") from None
-    return target
+
+
+def _foreign_defaults(spec: dict) -> None:
+    """Fill a target of another architecture (cross-compiling): this machine's CPU, features
+    and core count say nothing about it, so mcpu defaults to "generic" and num-cores to
+    FOREIGN_CORES."""
+    if spec.get("mcpu") == "native":
+        raise TargetError(f"mcpu native names this machine's CPU, not a {spec['mtriple']} one: "
+                          f"name the target's CPU (e.g. cortex-a72) or leave mcpu out")
+    spec.setdefault("mcpu", "generic")
+    spec.setdefault("num-cores", FOREIGN_CORES)

@@ -30,6 +30,8 @@ from tvm.support.popen_pool import PopenPoolExecutor, StatusKind
 
 from .config import TuneConfig
 from .errors import LutcError
+from .rpc import wait_for_servers
+from .target import host_cores, runs_here
 
 LEDGER = "trials.json"
 LOCK = ".lock"
@@ -260,9 +262,9 @@ def _tune_owed(tasks, keys, ledger, database, target, cfg: TuneConfig, work_dir:
     new_trials: dict[int, int] = {}
     if budget <= 0:
         return new_trials
+    runner = _runner(cfg, target)
     load_cpu_tensor_intrinsics(target)
-    builder = PooledBuilder(max_workers=int(target.attrs.get("num-cores", 1)))
-    runner = ms.runner.LocalRunner()
+    builder = PooledBuilder(max_workers=host_cores())  # builds run here, whatever the target
     try:
         _seed_default_schedules(tasks, [i for i, k in enumerate(keys) if k not in ledger], target, database,
                                 builder, runner)
@@ -298,6 +300,22 @@ def _tune_owed(tasks, keys, ledger, database, target, cfg: TuneConfig, work_dir:
     if ok == 0:
         raise LutcError(f"tuning measured no candidate successfully; first error: {(errors or ['none'])[0]}")
     return new_trials
+
+
+def _runner(cfg: TuneConfig, target: tvm.target.Target) -> ms.runner.Runner:
+    """Where candidates are measured: on this machine, or on the RPC servers registered with
+    ``cfg.rpc``'s tracker under its key (checked first: the RPC runner would wait forever)."""
+    if cfg.rpc is None:
+        mtriple = str(target.attrs.get("mtriple", ""))
+        if mtriple and not runs_here(mtriple):
+            raise LutcError(f"tuning for {mtriple} measures on such a machine: give an RPC tracker and key "
+                            f"(--rpc-tracker HOST:PORT --rpc-key KEY) or no trials")
+        return ms.runner.LocalRunner()
+    rpc = cfg.rpc
+    wait_for_servers(rpc)
+    config = ms.runner.RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
+                                 session_timeout_sec=rpc.timeout)
+    return ms.runner.RPCRunner(config, max_workers=rpc.parallel)
 
 
 def _report(tasks, keys, ledger, new_trials, database, target, seconds: float, work_dir: Path) -> TuneReport:
