@@ -144,6 +144,9 @@ def default_cases(models: list[str], batches: list[int] | None, seq: int,
     return cases
 
 
-def tuning_dir(cfg: BenchConfig, case: Case, system: str, mcpu: str) -> str:
+def tuning_dir(cfg: BenchConfig, case: Case, system: str) -> str:
     """A system's MetaSchedule database for one case, target CPU and trial budget (reused across runs)."""
+    from ..target import resolve_target
+
+    mcpu = resolve_target(cfg.target).attrs.get("mcpu", "generic")
     return str((Path(cfg.work_dir) / case.key / system / f"tuning-{mcpu}-t{cfg.trials_per_task}").resolve())

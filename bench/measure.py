@@ -46,9 +46,6 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             _fail(row, err, log, debug)
         return list(rows.values())
     log(f"  prepared model and inputs in {time.perf_counter() - start:.0f} s")
-    from ..target import resolve_target
-
-    mcpu = str(resolve_target(cfg.target).attrs.get("mcpu", "generic"))
     built: dict[str, Built] = {}
     for system in cfg.systems:
         tuned = system in TUNED and cfg.trials_per_task > 0
@@ -64,7 +61,7 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             target=cfg.target,
             trials_per_task=cfg.trials_per_task,
             artifact_dir=str((case_dir / system).resolve()),
-            tuning_dir=tuning_dir(cfg, case, system, mcpu),
+            tuning_dir=tuning_dir(cfg, case, system),
             cores=cfg.cores,
             seed=cfg.seed,
             progress=cfg.progress,
