@@ -9,33 +9,14 @@ import sys
 import time
 
 import numpy as np
-import onnx
 import pytest
 from conftest import ort_run, random_feeds
-from onnx import TensorProto, helper, numpy_helper
 
 import lut_compiler
 from lut_compiler.tuning import DATABASE_FILES, LEDGER, repair_database
 
 pytestmark = pytest.mark.tuning
 TRIALS = 8
-
-
-@pytest.fixture(scope="module")
-def three_kernels(tmp_path_factory):
-    """x [16, 96] -> 128 -> 160 -> 48, relu between: three kernels of different shapes."""
-    rng = np.random.default_rng(0)
-    dims, nodes, weights = [96, 128, 160, 48], [], []
-    for i, (k, n) in enumerate(zip(dims, dims[1:])):
-        src, out = "x" if i == 0 else f"h{i}", "y" if i == 2 else f"h{i + 1}"
-        nodes.append(helper.make_node("MatMul", [src, f"W{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Relu" if i < 2 else "Identity", [f"m{i}"], [out]))
-        weights.append(numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) / 8, f"W{i}"))
-    graph = helper.make_graph(nodes, "three", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 96])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 48])], weights)
-    path = tmp_path_factory.mktemp("three") / "three.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 def _lutc(*args) -> subprocess.Popen:
