@@ -66,7 +66,8 @@ def quiet_native_stderr():
             os.close(saved)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -181,7 +182,7 @@ class CompiledModel:
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             with quiet_native_stderr():
                 self.executable.export_library(str(staging / library), fcompile=fcompile)
-            manifest = {**self.manifest(), "library_sha256": _sha256(staging / library)}
+            manifest = {**self.manifest(), "library_sha256": file_sha256(staging / library)}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             if out.exists():
                 for name in (library, MANIFEST):
@@ -218,7 +219,7 @@ def load(out_dir: str | os.PathLike) -> CompiledModel:
     library = out / manifest["library"]
     if not library.is_file():
         raise LutcError(f"{library} not found")
-    if manifest.get("library_sha256") not in (None, _sha256(library)):
+    if manifest.get("library_sha256") not in (None, file_sha256(library)):
         raise LutcError(f"{library} is not the library {out / MANIFEST} describes (sha256 differs)")
     record = {k: v for k, v in manifest.items()
               if k not in ("format", "library", "library_sha256", "entry", "inputs", "outputs", "versions")}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
-from .artifact import CompiledModel
+from .artifact import CompiledModel, file_sha256
 from .auto import apply_auto
 from .auto import report as auto_report
 from .calibration import CalibrationSource
@@ -82,10 +82,10 @@ def _data_digest(data) -> str | None:
     """sha256 of a file, an array, or a name -> array mapping (names sorted)."""
     if data is None:
         return None
-    digest = hashlib.sha256()
     if isinstance(data, (str, os.PathLike)):
-        digest.update(Path(data).read_bytes())
-    elif isinstance(data, np.ndarray):
+        return file_sha256(Path(data))
+    digest = hashlib.sha256()
+    if isinstance(data, np.ndarray):
         digest.update(np.ascontiguousarray(data).tobytes())
     elif isinstance(data, Mapping):
         for name in sorted(data):
