@@ -7,7 +7,10 @@ axis, or concatenated along the batch axis), an iterable of feed dicts, or an ob
 
 The fp32 model runs in ONNX Runtime with each selected layer's input tensor added as a
 graph output; every sample contributes a few random rows (receptive fields for
-convolutions) so memory stays bounded.
+convolutions) so memory stays bounded. Rows of padding tokens are left out: when the model
+has a 2-D integer input named like ``attention_mask`` (Hugging Face exports), a matmul whose
+rows are the [batch, seq] tokens keeps only those where the mask is non-zero (their
+activations never reach the outputs, and a padded sentence is mostly padding).
 """
 
 from __future__ import annotations
@@ -122,17 +125,38 @@ def _session(model: onnx.ModelProto, names: list[str]):
     return ort.InferenceSession(_with_outputs(model, names), options, providers=["CPUExecutionProvider"])
 
 
+def mask_input(samples: list[Feeds]) -> str | None:
+    """The input that marks padding tokens (0) of [batch, seq] rows: a 2-D integer or bool
+    input whose name contains "attention_mask", else None."""
+    for name, value in samples[0].items() if samples else ():
+        if "attention_mask" in name.lower() and value.ndim == 2 and value.dtype.kind in "biu":
+            return name
+    return None
+
+
+def _kept_rows(feeds: Feeds, mask: str | None, total: int) -> np.ndarray:
+    """Row indices of a layer with `total` rows that carry real tokens (all when the rows are
+    not the mask's tokens, or no token is real)."""
+    if mask is not None and feeds[mask].size == total and feeds[mask].any():
+        return np.flatnonzero(feeds[mask].reshape(-1))
+    return np.arange(total)
+
+
 def activation_absmax(model: onnx.ModelProto, samples: list[Feeds], candidates: list,
                       progress: bool = True) -> dict[str, float]:
-    """max |input| of each candidate layer over ``samples``: call var -> float (candidates
-    traced to an ONNX tensor, ``Candidate.activation``)."""
+    """max |input| of each candidate layer over ``samples`` (real tokens only, see the module
+    doc): call var -> float (candidates traced to an ONNX tensor, ``Candidate.activation``)."""
     names = sorted({c.activation for c in candidates})
     session = _session(model, names)
-    peak = dict.fromkeys(names, 0.0)
+    mask = mask_input(samples)
+    peak = dict.fromkeys([c.var for c in candidates], 0.0)
     for feeds in tqdm(samples, desc="activation ranges", unit="sample", disable=not progress, leave=False):
-        for name, value in zip(names, session.run(names, feeds)):
-            peak[name] = max(peak[name], float(np.abs(value).max(initial=0.0)))
-    return {c.var: peak[c.activation] for c in candidates}
+        values = dict(zip(names, session.run(names, feeds)))
+        for c in candidates:
+            rows = values[c.activation].reshape(-1, c.input_shape[-1])
+            kept = rows[_kept_rows(feeds, mask, len(rows))] if c.conv is None else rows
+            peak[c.var] = max(peak[c.var], float(np.abs(kept).max(initial=0.0)))
+    return peak
 
 
 def capture(model: onnx.ModelProto, samples: list[Feeds], plans: list, rows_per_layer: int, seed: int,
@@ -143,6 +167,7 @@ def capture(model: onnx.ModelProto, samples: list[Feeds], plans: list, rows_per_
     """
     names = sorted({p.candidate.activation for p in plans})
     session = _session(model, names)
+    mask = mask_input(samples)
     rng = np.random.default_rng(seed)
     per_sample = max(1, math.ceil(rows_per_layer / len(samples)))
     parts: dict[str, list[np.ndarray]] = {p.candidate.var: [] for p in plans}
@@ -155,8 +180,8 @@ def capture(model: onnx.ModelProto, samples: list[Feeds], plans: list, rows_per_
                 raise CalibrationError(f"layer {c.name}: ONNX tensor {c.activation!r} has shape "
                                        f"{_fmt(activation.shape)}, the layer reads {_fmt(c.input_shape)}")
             activation = activation.reshape(c.input_shape).astype(np.float32, copy=False)
-            total = p.rule.num_rows(c)
-            rows = np.sort(rng.choice(total, size=min(per_sample, total), replace=False))
+            kept = _kept_rows(feeds, mask, p.rule.num_rows(c)) if c.conv is None else np.arange(p.rule.num_rows(c))
+            rows = np.sort(rng.choice(kept, size=min(per_sample, len(kept)), replace=False))
             parts[c.var].append(p.rule.subvectors(activation, c, p.subspace_len, rows))
     return {var: np.concatenate(chunks) for var, chunks in parts.items()}
 
