@@ -3,6 +3,8 @@ with --learn also learned ones (distillation from the fp32 model, LUT-NN).
 
     python -m lut_compiler.bench.lut_accuracy [--learn] [--learn-minutes 10] [--out bench/results]
 
+Selections are "all", "last:N", or "budget": the greedy layer choice among all layers within
+1 point of top-1 accuracy (digits) or a mean cosine of 0.99 (MiniLM) on validation samples.
 For each model and layer selection: layers and share of matmul/conv FLOPs replaced,
 held-out accuracy of fp32 vs lookup-add (digits) or cosine of sentence embeddings
 (MiniLM), output SQNR, and the time the lookup-add phase took (calibration + k-means
@@ -22,11 +24,11 @@ import numpy as np
 import lut_compiler
 from lut_compiler import zoo
 
-# model -> (layer selections, number of calibration samples)
+# model -> (layer selections, number of samples, share of them held out)
 GRID = {
-    "mlp": (["all", "last:2", "last:1"], 360),
-    "digits_cnn": (["all", "last:5", "last:3"], 1000),
-    "minilm_pooled": (["all", "last:12", "last:6"], 40),
+    "mlp": (["all", "last:2", "last:1", "budget"], 360, 0.2),
+    "digits_cnn": (["all", "last:5", "last:3", "budget"], 1000, 0.2),
+    "minilm_pooled": (["all", "last:12", "budget"], 96, 1 / 3),
 }
 
 
@@ -39,10 +41,15 @@ def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, count: int, table_dtype: str, learn: lut_compiler.LearnConfig | None) -> dict:
+def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None) -> dict:
+    _, count, holdout = GRID[model]
     feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
-    lut = lut_compiler.LutConfig(layers=layers, table_dtype=table_dtype, learn=learn)
+    budget = None
+    if layers == "budget":
+        budget = lut_compiler.Budget("accuracy", 1.0) if labels is not None else lut_compiler.Budget("cosine", 0.99)
+    lut = lut_compiler.LutConfig(layers="all" if budget else layers, table_dtype=table_dtype, learn=learn,
+                                 budget=budget, holdout=holdout)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)
     start = time.perf_counter()
     compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
@@ -54,6 +61,8 @@ def measure(model: str, layers: str, count: int, table_dtype: str, learn: lut_co
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
         "lut_seconds": compiled.record["phases"]["lut"], "compile_seconds": round(time.perf_counter() - start, 1),
+        "learn_seconds": sum(run["seconds"] for run in report.get("learn", [])),
+        "learn_epochs": [run["epochs"] for run in report.get("learn", [])],
     }
     if "accuracy" in report:
         row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
@@ -62,15 +71,16 @@ def measure(model: str, layers: str, count: int, table_dtype: str, learn: lut_co
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | layers | codebooks | replaced | FLOPs replaced | held-out | fp32 acc | LUT acc | top-1 agree | "
-             "cosine | SQNR dB | LUT phase s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "cosine | SQNR dB | learning s (epochs) | LUT phase s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = (f"{r['fp32_accuracy']:.1%}", f"{r['lut_accuracy']:.1%}") if "lut_accuracy" in r else ("-", "-")
         agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "-"
+        learned = f"{r['learn_seconds']:.0f} ({'+'.join(map(str, r['learn_epochs']))})" if r.get("learn_epochs") else "-"
         lines.append(f"| {r['model']} | {r['layers']} | {r.get('codebooks', 'k-means')} | {r['replaced']}/{r['layers_total']} | "
                      f"{r['flops_replaced']:.0%} | "
                      f"{r['held_out_samples']} | {acc[0]} | {acc[1]} | {agree} | {r['cosine']:.4f} | {r['sqnr_db']:.1f} | "
-                     f"{r['lut_seconds']:.0f} |")
+                     f"{learned} | {r['lut_seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -86,10 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes)] if args.learn else [])
     rows = []
     for model in args.models:
-        selections, count = GRID[model]
-        for layers in args.layers or selections:
+        for layers in args.layers or GRID[model][0]:
             for learn in variants:
-                rows.append(measure(model, layers, count, args.tables, learn))
+                rows.append(measure(model, layers, args.tables, learn))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

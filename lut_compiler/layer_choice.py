@@ -8,9 +8,12 @@ validation samples (calibration samples outside the report's held-out set):
   the fp32 model when there are no labels); the budget is a drop in points (`max_drop`).
 - "cosine": mean cosine similarity of output 0's rows to the fp32 model's (`min_cosine`).
 
-Sensitivity of a layer: the metric lost when only it is replaced. Greedy: layers in order
-of sensitivity (ties: later layers first, LUT-NN's preference), each kept if the model
-with all kept layers plus it stays within the budget.
+Sensitivity of a layer: the metric lost when only it is replaced. The choice starts from
+all layers (learned centroids are trained together, so a subset can do worse than the
+whole): when they miss the budget, layers are dropped most sensitive first (ties: earlier
+layers first, LUT-NN's preference for later ones) until the rest fit, then the dropped ones
+are tried back least sensitive first, each kept if the model stays within the budget. At
+most 3 x layers metric evaluations.
 """
 
 from __future__ import annotations
@@ -84,15 +87,32 @@ class Metric:
 
 
 def choose_layers(metric: Metric, layers: list[LutLayer], budget: Budget, progress: bool = True) -> Choice:
-    """Greedy choice among `layers` (program order) within `budget` of the fp32 metric."""
+    """Layers (program order) to replace within `budget` of the fp32 metric (module docstring)."""
     baseline = metric([])
     sensitivity = [baseline - metric([layer]) for layer in tqdm(layers, desc="sensitivity", unit="layer",
                                                                  disable=not progress, leave=False)]
-    order = sorted(range(len(layers)), key=lambda i: (round(sensitivity[i], 6), -i))
-    kept, current = [False] * len(layers), baseline
-    for i in tqdm(order, desc="choose layers", unit="layer", disable=not progress, leave=False):
-        trial = [layers[j] for j in range(len(layers)) if kept[j] or j == i]
-        value = metric(trial)
-        if within(budget, baseline, value):
-            kept[i], current = True, value
+    kept = [True] * len(layers)
+
+    def value() -> float:
+        return metric([layer for layer, keep in zip(layers, kept) if keep])
+
+    current = value()
+    order = sorted(range(len(layers)), key=lambda i: (round(sensitivity[i], 6), -i))  # least sensitive first
+    dropped = []
+    with tqdm(total=len(layers), desc="choose layers", unit="layer", disable=not progress, leave=False) as bar:
+        for i in reversed(order):
+            if within(budget, baseline, current):
+                break
+            kept[i] = False
+            dropped.append(i)
+            current = value() if any(kept) else baseline
+            bar.update()
+        for i in reversed(dropped[:-1]):  # the last one dropped made the rest fit: try the others back
+            kept[i] = True
+            trial = value()
+            if within(budget, baseline, trial):
+                current = trial
+            else:
+                kept[i] = False
+            bar.update()
     return Choice(sensitivity, kept, baseline, current)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -94,7 +94,8 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
 
     With a budget, a quarter of the training samples (at least one) validates the choice
     and the rest train; the report's held-out samples stay unseen. Learning runs on all
-    candidate layers before the choice, and again on the kept ones after it.
+    candidate layers before the choice (at most half of `cfg.learn.minutes`), and again on the kept
+    ones after it (what is left of the minutes; kept if no worse on validation).
     """
     if cfg.budget is None and cfg.learn is None:
         return layers, None
@@ -106,16 +107,17 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
 
     runs = []
 
-    def learn(chosen: list[LutLayer]) -> list[LutLayer]:
+    def learn(chosen: list[LutLayer], minutes: float) -> list[LutLayer]:
         if cfg.learn is None or not chosen:
             return chosen
         fit_labels = labels[fit_ids] if labels is not None else None
-        learned, stats = learn_centroids(imported.onnx_model, chosen, [samples[i] for i in fit_ids], cfg.learn,
-                                         fit_labels, cfg.seed, progress)
+        learned, stats = learn_centroids(imported.onnx_model, chosen, [samples[i] for i in fit_ids],
+                                         replace(cfg.learn, minutes=minutes), fit_labels, cfg.seed, progress)
         runs.append({"layers": len(chosen), "samples": len(fit_ids), **stats})
         return learned
 
-    layers = learn(layers)
+    total = cfg.learn.minutes if cfg.learn is not None else 0.0
+    layers = learn(layers, total if cfg.budget is None else total / 2)
     if cfg.budget is None:
         return layers, {"learn": runs}
     metric = Metric(imported.onnx_model, [samples[i] for i in val_ids],
@@ -126,9 +128,12 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
         if not keep:
             layer.plan.reason = f"over the {cfg.budget.metric} budget (alone it costs {loss:+.4f})"
     final = choice.final
-    if len(kept) < len(layers) and cfg.learn is not None:
-        kept = learn(kept)
-        final = metric(kept) if kept else choice.baseline
+    rest = total - sum(run["seconds"] for run in runs) / 60
+    if kept and len(kept) < len(layers) and cfg.learn is not None and rest > 0:
+        relearned = learn(kept, rest)
+        value = metric(relearned)
+        if value >= final:  # learning again without the dropped layers; kept only if no worse
+            kept, final = relearned, value
     report = {"budget": {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
                          "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
                          "sensitivity": {layer.plan.candidate.name: round(v, 5)

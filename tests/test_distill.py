@@ -153,8 +153,8 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
 
 
 def test_greedy_choice_on_a_known_metric():
-    """Additive losses per layer (points): greedy by sensitivity keeps the cheapest set that
-    fits, later layers first on ties."""
+    """Additive losses per layer (points): dropping the most sensitive first keeps the set that
+    fits, later layers kept on ties; layers that only work together are all kept."""
     from lut_compiler.config import Budget
     from lut_compiler.layer_choice import choose_layers
 
@@ -165,6 +165,10 @@ def test_greedy_choice_on_a_known_metric():
     assert choice.kept == [True, False, False, True]  # a (0.2) + d (0.5, later than c) = 0.7 points; + c or b: over
     assert choice.baseline == pytest.approx(0.9) and choice.final == pytest.approx(0.893)
     assert choice.sensitivity == pytest.approx([0.002, 0.009, 0.005, 0.005])
+    # co-adapted (learned together): each alone costs 2 points, all four together nothing
+    together = choose_layers(lambda chosen: 0.9 if len(chosen) in (0, 4) else 0.88, layers, Budget("accuracy", 1.0),
+                             progress=False)
+    assert together.kept == [True] * 4 and together.final == pytest.approx(0.9)
 
 
 def test_budget_keeps_the_validation_cosine(tmp_path):
@@ -187,6 +191,31 @@ def test_budget_keeps_the_validation_cosine(tmp_path):
                                                      lut=LutConfig(holdout=0.25, budget=Budget("cosine", -1.0))),
                                  progress=False, calibration=feeds)
     assert all(r["replaced"] for r in loose.record["lut"]["layers"])
+
+
+def test_budget_with_learning_shares_the_time_budget(tmp_path, monkeypatch):
+    """--learn with a budget: learning on every layer gets at most half the minutes, learning
+    again on the kept layers what is left; the kept layers still meet the bound on validation."""
+    import lut_compiler.lut as lut_phase
+    from lut_compiler.config import Budget
+
+    minutes, learn = [], lut_phase.learn_centroids
+
+    def recording(onnx_model, layers, samples, cfg, *args):
+        minutes.append((len(layers), cfg.minutes))
+        return learn(onnx_model, layers, samples, cfg, *args)
+
+    monkeypatch.setattr(lut_phase, "learn_centroids", recording)
+    path, feeds = _cnn_case(tmp_path, samples=16)
+    cfg = LutConfig(holdout=0.25, budget=Budget("cosine", 0.995), learn=LearnConfig(epochs=2, lr=3e-3, batch=4))
+    model = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)}, lut=cfg), progress=False,
+                                 calibration=feeds)
+    report = model.record["lut"]
+    kept = sum(r["replaced"] for r in report["layers"])
+    assert minutes[0] == (6, 5.0) and 0 < kept < 6 and report["budget"]["chosen"] >= 0.995
+    assert len(minutes) == 2 and minutes[1][0] == kept  # the second run gets what the first left of 10 minutes
+    assert minutes[1][1] == pytest.approx(10.0 - report["learn"][0]["seconds"] / 60)
+    assert [run["layers"] for run in report["learn"]] == [6, kept]
 
 
 def test_torch_view_edge_ops_match_onnxruntime():
