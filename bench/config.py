@@ -16,9 +16,9 @@ BENCH_CONFIG_VERSION = 1
 
 # Measured side by side, in this order in every table (lutc-sparse only when asked for).
 SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse",
-                             "lutc-auto")
+                             "lutc-learned", "lutc-auto")
 DEFAULT_SYSTEMS: tuple[str, ...] = ("ort", "tvm-untuned", "tvm-tuned", "lutc", "lutc-lut", "lutc-auto")
-TUNED = frozenset({"tvm-tuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-auto"})  # spend the trial budget
+TUNED = frozenset({"tvm-tuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-learned", "lutc-auto"})  # spend the trial budget
 REFERENCE = "ort"
 
 # Default grid: zoo model -> batch sizes (MiniLM also takes --seq).
@@ -104,6 +104,7 @@ class BenchConfig:
 
     trials_per_task: MetaSchedule trials per kernel, the same for ``tvm-tuned``
         and ``lutc``.
+    learn_minutes: ``lutc-learned``'s centroid learning budget per case.
     work_dir: compiled artifacts and tuning databases (databases are reused, so
         re-running does not retune).
     out_dir: where results.{json,md,png} go.
@@ -113,6 +114,7 @@ class BenchConfig:
     cases: list[Case]
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
     trials_per_task: int = 16
+    learn_minutes: float = 10.0
     timing: TimingConfig = field(default_factory=TimingConfig)
     target: str = "host"
     cores: int = 1

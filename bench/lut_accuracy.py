@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tables", default="int8", choices=["int8", "float32"])
     parser.add_argument("--learn", action="store_true", help="also learn the centroids (a second row per selection)")
     parser.add_argument("--learn-minutes", type=float, default=10.0, help="learning budget per selection")
+    parser.add_argument("--learn-layer-loss", type=float, default=0.0,
+                        help="weight of the replaced layers' own outputs in the learning loss")
     parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
     args = parser.parse_args(argv)
-    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes)] if args.learn else [])
+    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss)] if args.learn else [])
     rows = []
     for model in args.models:
         for layers in args.layers or GRID[model][0]:

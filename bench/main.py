@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import DEFAULT_SYSTEMS, SYSTEMS, BenchConfig, TimingConfig, default_cases
 
 DEFAULT_MODELS = ("mlp", "digits_cnn", "minilm")
-QUICK = {"models": ["mlp"], "batch": [1], "trials": 2, "repeat": 3}
+QUICK = {"models": ["mlp"], "batch": [1], "trials": 2, "repeat": 3, "learn_minutes": 0.25}
 
 
 def _list(text: str) -> list[str]:
@@ -45,12 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target length of one timed block, in seconds (default 0.2)")
     parser.add_argument("--max-system-seconds", type=float, default=60.0, metavar="S",
                         help="cap on one system's timed blocks per case; slower systems run fewer rounds (min 3)")
+    parser.add_argument("--learn-minutes", type=float, default=None, metavar="M",
+                        help="centroid learning budget of lutc-learned per case (default 10)")
     parser.add_argument("--target", default="host", help='"host", an LLVM CPU name, or a JSON target dict')
     parser.add_argument("--work-dir", default=".lutc/bench", help="artifacts and tuning databases (reused)")
     parser.add_argument("--out", default="bench/results", help="results.json, results.md, results.png go here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample inputs and of tuning")
     parser.add_argument("--quick", action="store_true",
-                        help="CI mode: mlp, batch 1, 2 trials per task, 3 rounds (explicit options still win)")
+                        help="CI mode: mlp, batch 1, 2 trials per task, 3 rounds, 15 s of learning (explicit options still win)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -65,8 +67,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise UsageError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     trials = args.trials if args.trials is not None else quick.get("trials", 16)
     repeat = args.repeat if args.repeat is not None else quick.get("repeat", 10)
-    if trials < 0 or repeat < 1 or args.block_seconds <= 0 or args.seq < 1:
-        raise UsageError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1")
+    learn_minutes = args.learn_minutes if args.learn_minutes is not None else quick.get("learn_minutes", 10.0)
+    if trials < 0 or repeat < 1 or args.block_seconds <= 0 or args.seq < 1 or learn_minutes <= 0:
+        raise UsageError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1, --learn-minutes > 0")
     from .. import zoo
 
     unknown = sorted(m for m in models if m not in zoo.MODELS and not Path(m).is_file())
@@ -79,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cases=default_cases(list(models), batches, args.seq, dict(args.input_shape)),
         systems=tuple(s for s in SYSTEMS if s in args.systems),
         trials_per_task=trials,
+        learn_minutes=learn_minutes,
         timing=TimingConfig(rounds=repeat, block_seconds=args.block_seconds,
                             max_system_seconds=args.max_system_seconds),
         target=args.target,

@@ -60,6 +60,7 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             input_shapes=prepared.input_shapes,
             target=cfg.target,
             trials_per_task=cfg.trials_per_task,
+            learn_minutes=cfg.learn_minutes,
             artifact_dir=str((case_dir / system).resolve()),
             tuning_dir=tuning_dir(cfg, case, system),
             cores=cfg.cores,

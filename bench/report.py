@@ -32,7 +32,7 @@ class Row:
         systems (lookup-add, pruning, int8).
     top1: top-1 accuracy (%) on those samples' labels (labelled models only).
     eval_samples: evaluation samples scored (slow systems stop early, see TimingConfig).
-    plan: ``lutc-auto``'s per-layer plan (``auto.report``).
+    plan: ``lutc-auto``'s per-layer plan (``auto.report``) or ``lutc-learned``'s layer choice.
     compile_s: build seconds in this run, tuning excluded; tune_s: tuning seconds
         (from the run that tuned, if tune_cached).
     """
@@ -170,9 +170,9 @@ def markdown(rows: list[Row], meta: dict) -> str:
     lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
     plans = [r for r in rows if r.plan]
     if plans:
-        lines += ["", "Per-layer plans (`lutc-auto`; layer times measured alone, budget checked on validation "
-                  "samples of the calibration set):", ""]
-        lines += [f"- {r.model} {r.shape}: {plan_summary(r.plan)}" for r in plans]
+        lines += ["", "Per-layer plans (`lutc-auto`: layer times measured alone; `lutc-learned`: layers chosen "
+                  "after learning; budgets checked on validation samples of the calibration set):", ""]
+        lines += [f"- {r.model} {r.shape} {r.system}: {plan_summary(r.plan)}" for r in plans]
     failed = [r for r in rows if r.status != "ok"]
     if failed:
         lines += ["", "Failed:", ""] + [f"- {r.model} {r.shape} {r.system}: `{r.error}`" for r in failed]
@@ -180,8 +180,15 @@ def markdown(rows: list[Row], meta: dict) -> str:
 
 
 def plan_summary(plan: dict) -> str:
-    """One line: how many layers took each implementation, the layers' time, the validation metric."""
+    """One line: how many layers took each implementation, the layers' time, the validation metric
+    (``lutc-learned``: layers and FLOPs replaced, the validation metric, the learning runs)."""
     from collections import Counter
+
+    if "flops_replaced" in plan:
+        b = plan["budget"]
+        runs = " + ".join(f"{r['epochs']} epochs on {r['layers']} layers in {r['seconds']:.0f} s" for r in plan["learn"])
+        return (f"{plan['replaced']}/{plan['candidates']} layers lookup-add ({plan['flops_replaced']:.0%} of FLOPs); "
+                f"validation {b['metric']} fp32 {b['fp32']:.4f}, chosen {b['chosen']:.4f}; learned: {runs}")
 
     counts = Counter(layer["choice"] for layer in plan["layers"])
     t = plan["layers_ms"]

@@ -22,6 +22,10 @@ calls with ``timed_block``. Every duration is in seconds.
 - ``lutc-sparse``: ``lutc`` with every matmul/conv weight pruned to 90% sparsity in 16x1
   blocks by magnitude, each layer kept sparse where measured >= 1.1x faster (lossy: the
   cosine column shows the pruning's effect, no fine-tune).
+- ``lutc-learned``: ``lutc`` with lookup-add layers whose centroids are learned by distillation
+  (LUT-NN, ``--learn-minutes``, 10 by default) and chosen within the same budget as ``lutc-auto`` (``--learn
+  --max-drop 1`` / ``--min-cosine 0.99``); the other layers stay dense fp32. Not in the
+  default set: it spends 10 minutes per case learning.
 - ``lutc-auto``: ``lutc`` with the per-layer plan (``--auto``): dense, int8, sparse (70% 16x1
   magnitude pruning) or lookup-add per layer, each measured on the target, within 1 point of
   top-1 accuracy (labelled models, on the case's calibration rows) or a mean cosine of 0.99
@@ -66,6 +70,7 @@ class BuildSpec:
     tuning_dir: str
     cores: int
     calibration_labels: str | None = None  # .npy int64 labels of the calibration samples
+    learn_minutes: float = 10.0  # lutc-learned's centroid learning budget
     seed: int = 0
     progress: bool = True
 
@@ -80,7 +85,7 @@ class Built:
     tune_s: seconds the tuning took when it ran (None: no tuning).
     tune_cached: the database came from an earlier bench run; tune_s is from then.
     tuning: tasks, trials and successful measurements.
-    plan: ``lutc-auto``'s per-layer plan (``auto.report``), else None.
+    plan: ``lutc-auto``'s per-layer plan (``auto.report``), ``lutc-learned``'s layer choice, else None.
     """
 
     system: str
@@ -223,12 +228,12 @@ def build_lutc(spec: BuildSpec) -> Built:
     """``lut_compiler.compile`` with the same trials per task, exported as ``model.so``."""
     import lut_compiler
 
-    calibrated = spec.system in ("lutc-lut", "lutc-auto")
+    calibrated = spec.system in ("lutc-lut", "lutc-learned", "lutc-auto")
     labels = np.load(spec.calibration_labels) if calibrated and spec.calibration_labels else None
     config = lut_compiler.CompileConfig(
         input_shapes=dict(spec.input_shapes),
         tune=lut_compiler.TuneConfig(trials_per_task=spec.trials_per_task, work_dir=spec.tuning_dir, seed=spec.seed),
-        lut=lut_compiler.LutConfig() if spec.system == "lutc-lut" else None,
+        lut=_lut_config(spec, labels is not None),
         sparse=lut_compiler.SparseConfig(sparsity=0.9, block=(16, 1)) if spec.system == "lutc-sparse" else None,
         auto=_auto_config(labels is not None) if spec.system == "lutc-auto" else None,
     )
@@ -253,16 +258,39 @@ def build_lutc(spec: BuildSpec) -> Built:
             tuning = {**(_read_marker(tuning_dir) or tuning), "config": config.to_json()}
             tune_s = tuning.get("seconds", tune_s)
     tuning["phases"] = phases
+    plan = model.record.get("auto") or (_learned_plan(model.record["lut"]) if spec.system == "lutc-learned" else None)
     return Built(spec.system, str(Path(spec.artifact_dir) / LIBRARY), round(compile_s, 3),
-                 tune_s, cached, tuning, model.record.get("auto"))
+                 tune_s, cached, tuning, plan)
+
+
+def _budget(labelled: bool):
+    """The bench's accuracy budget: 1 point of top-1 accuracy (labelled models) or cosine 0.99 to fp32."""
+    from ..config import Budget
+
+    return Budget("accuracy", 1.0) if labelled else Budget("cosine", 0.99)
 
 
 def _auto_config(labelled: bool):
-    """The bench's plan: 1 point of top-1 accuracy (labelled models) or cosine 0.99 to fp32."""
-    from ..config import AutoConfig, Budget
+    from ..config import AutoConfig
 
-    budget = Budget("accuracy", 1.0) if labelled else Budget("cosine", 0.99)
-    return AutoConfig(budget=budget, prune=0.7)
+    return AutoConfig(budget=_budget(labelled), prune=0.7)
+
+
+def _lut_config(spec: BuildSpec, labelled: bool):
+    from ..config import LearnConfig, LutConfig
+
+    if spec.system == "lutc-lut":
+        return LutConfig()
+    if spec.system == "lutc-learned":
+        return LutConfig(learn=LearnConfig(minutes=spec.learn_minutes), budget=_budget(labelled))
+    return None
+
+
+def _learned_plan(report: dict) -> dict:
+    """``lutc-learned``'s layer choice: layers and FLOPs replaced, the validation metric, the learning runs."""
+    return {"replaced": sum(r["replaced"] for r in report["layers"]), "candidates": len(report["layers"]),
+            "flops_replaced": report["flops_replaced"], "budget": report["budget"],
+            "learn": [{k: run[k] for k in ("layers", "samples", "epochs", "seconds")} for run in report["learn"]]}
 
 
 def build_lutc_untuned(spec: BuildSpec) -> Built:
@@ -278,6 +306,7 @@ BUILDERS: dict[str, Callable[[BuildSpec], Built]] = {
     "lutc": build_lutc,
     "lutc-lut": build_lutc,
     "lutc-sparse": build_lutc,
+    "lutc-learned": build_lutc,
     "lutc-auto": build_lutc,
 }
 

@@ -76,6 +76,8 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
         g.add_argument("--lut-learn-epochs", type=int, default=30, metavar="N", help="learning epochs (default 30)")
         g.add_argument("--lut-learn-minutes", type=float, default=10.0, metavar="M",
                        help="learning time budget (default 10)")
+        g.add_argument("--lut-learn-layer-loss", type=float, default=0.0, metavar="W",
+                       help="also match each replaced layer's output to fp32, with weight W (default 0)")
         g.add_argument("--lut-learn-checkpoint", metavar="FILE", help="save learning state here after each epoch, "
                        "and resume from it")
         budget = g.add_mutually_exclusive_group()
@@ -183,7 +185,7 @@ def _lut_config(args, budget: bool = True):
         learn = None
         if getattr(args, "lut_learn", False):
             learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
-                                checkpoint=args.lut_learn_checkpoint)
+                                layer_loss=args.lut_learn_layer_loss, checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
                          task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn,

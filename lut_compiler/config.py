@@ -92,6 +92,8 @@ class LearnConfig:
     batch: calibration samples per step.
     train_weights: let the replaced layers' weights train too (their tables follow);
         off by default: only centroids and temperatures move, the rest of the model is fixed.
+    layer_loss: weight of the intermediate loss, the mean over replaced layers of the
+        normalized MSE of each layer's output to the fp32 model's (0: model outputs only).
     checkpoint: file the training state is saved to after each epoch and resumed from.
     """
 
@@ -100,11 +102,12 @@ class LearnConfig:
     lr: float = 1e-3
     batch: int = 8
     train_weights: bool = False
+    layer_loss: float = 0.0
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.minutes <= 0 or self.lr <= 0 or self.batch < 1:
-            raise ValueError(f"learning needs epochs >= 1, minutes > 0, lr > 0, batch >= 1; got {self}")
+        if self.epochs < 1 or self.minutes <= 0 or self.lr <= 0 or self.batch < 1 or self.layer_loss < 0:
+            raise ValueError(f"learning needs epochs >= 1, minutes > 0, lr > 0, batch >= 1, layer_loss >= 0; got {self}")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The replaced layers become `pq_layer` modules inside a torch view of the model
 (`torch_view.OnnxModule`); the fp32 model (the same view, nothing replaced) is the teacher.
 The loss matches every float output, each normalized by its mean square:
 sum_o mean((student_o - teacher_o)^2) / mean(teacher_o^2), plus cross-entropy on the first
-output when labels are given. No other parameter moves unless `LearnConfig.train_weights`.
+output when labels are given, plus (`LearnConfig.layer_loss` > 0) that weight times the
+mean normalized MSE of the replaced layers' outputs. No other parameter moves unless `LearnConfig.train_weights`.
 Samples are run one at a time (their shapes are bound) and `batch` of them make one Adam
 step. Training stops after `epochs` or `minutes` (checked after every step), saves a
 checkpoint after every epoch and resumes from it.
@@ -83,6 +84,9 @@ def distill(onnx_model, student: OnnxModule, samples: list[Feeds], cfg: LearnCon
     Returns {"epochs", "resumed_from", "seconds", "loss": [per epoch, mean per sample]}."""
     torch.manual_seed(seed)
     teacher = OnnxModule(onnx_model).eval()
+    outputs = len(teacher.outputs)
+    if cfg.layer_loss > 0:  # the replaced nodes' outputs, from both models
+        teacher.taps = student.taps = [n.output[0] for n in student.nodes if n.name in student.slots]
     inputs = [_tensors(s) for s in samples]
     with torch.no_grad():
         targets = [teacher(**x) for x in inputs]
@@ -102,7 +106,10 @@ def distill(onnx_model, student: OnnxModule, samples: list[Feeds], cfg: LearnCon
             batch = order[start:start + cfg.batch]
             for i in batch:
                 y = None if labels is None else torch.from_numpy(labels[i].astype(np.int64))
-                loss = distillation_loss(student(**inputs[i]), targets[i], y)
+                out = student(**inputs[i])
+                loss = distillation_loss(out[:outputs], targets[i][:outputs], y)
+                if student.taps:
+                    loss = loss + cfg.layer_loss * distillation_loss(out[outputs:], targets[i][outputs:]) / len(student.taps)
                 (loss / len(batch)).backward()
                 total, seen = total + float(loss.detach()), seen + 1
             optimizer.step()
@@ -114,6 +121,7 @@ def distill(onnx_model, student: OnnxModule, samples: list[Feeds], cfg: LearnCon
         _save(cfg.checkpoint, student, optimizer, key, epoch + 1)
         if time.monotonic() > deadline:
             break
+    student.taps = []
     return {"epochs": start_epoch + len(losses), "resumed_from": start_epoch,
             "seconds": round(time.monotonic() - started, 1), "loss": losses}
 

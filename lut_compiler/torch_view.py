@@ -289,6 +289,7 @@ class OnnxModule(nn.Module):
     """forward(**inputs) -> list of the graph's outputs (torch tensors), differentiable.
 
     replace: ONNX node name -> module computing that node from its first input.
+    taps: names of intermediate tensors returned after the graph's outputs (settable).
     """
 
     def __init__(self, model: onnx.ModelProto, replace: dict[str, nn.Module] | None = None) -> None:
@@ -312,6 +313,7 @@ class OnnxModule(nn.Module):
         self.slots = {n.name: f"node_{i}" for i, n in enumerate(self.nodes) if n.name in replace}
         self.attrs = [dict(_attrs(n), _op=n.op_type, _outputs=len(n.output)) for n in self.nodes]
         self.outputs = [o.name for o in graph.output]
+        self.taps: list[str] = []
 
     def forward(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         env = {name: getattr(self, attr) for name, attr in self.buffer_names.items()}
@@ -329,4 +331,4 @@ class OnnxModule(nn.Module):
                 result = OPS[node.op_type](attrs, *args)
                 results = result if isinstance(result, tuple) else (result,)
             env.update(zip(node.output, results))
-        return [env[name] for name in self.outputs]
+        return [env[name] for name in self.outputs + self.taps]

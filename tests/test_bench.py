@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-auto"}
-LOSSY = {"lutc-lut", "lutc-sparse", "lutc-auto"}
+SYSTEMS = {"ort", "tvm-untuned", "tvm-tuned", "lutc-untuned", "lutc", "lutc-lut", "lutc-sparse", "lutc-learned",
+           "lutc-auto"}
+LOSSY = {"lutc-lut", "lutc-sparse", "lutc-learned", "lutc-auto"}
 TEST_DIGITS = 360  # the mlp's test split: every system is scored on all of it
 
 
@@ -47,6 +48,9 @@ def test_quick_bench(tmp_path):
     assert {layer["choice"] for layer in auto["plan"]["layers"]} <= {"dense", "int8", "sparse", "lut"}
     assert len(auto["plan"]["layers"]) == 3 and auto["plan"]["budget"] == 1.0
     assert auto["top1"] >= ort["top1"] - 3.0  # 1 point on validation rows; the test split may differ a little
+    learned = next(r for r in rows if r["system"] == "lutc-learned")["plan"]
+    assert 1 <= learned["replaced"] <= learned["candidates"] == 3 and 0 < learned["flops_replaced"] <= 1
+    assert learned["budget"]["fp32"] - learned["budget"]["chosen"] <= 0.01 and learned["learn"][0]["epochs"] >= 1
     tuned = {r["system"]: r for r in rows if r["system"] in {"tvm-tuned", "lutc"} | LOSSY}
     assert all(r["tune_s"] > 0 and r["tuning"]["trials_per_task"] == 2 for r in tuned.values())
     assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2
@@ -57,4 +61,4 @@ def test_quick_bench(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "results.md").read_text()
     assert "| model | shape | system | median ms" in markdown and markdown.count("| mlp | b1 |") == len(SYSTEMS)
-    assert "tvm-tuned" in done.stdout  # the printed table
+    assert "tvm-tuned" in done.stdout and "mlp b1 lutc-learned: " in markdown

@@ -12,7 +12,7 @@ from torch_models import CNN, MLP, Encoder, export
 import lut_compiler
 from lut_compiler.codebooks import make_tables, quantize_tables
 from lut_compiler.config import CompileConfig, LearnConfig, LutConfig
-from lut_compiler.distill import distillation_loss, learn_centroids, student_view
+from lut_compiler.distill import distill, distillation_loss, learn_centroids, student_view
 from lut_compiler.errors import UnsupportedModelError
 from lut_compiler.lut import apply_lut
 from lut_compiler.onnx_import import import_onnx
@@ -125,6 +125,24 @@ def test_learning_reduces_the_distillation_loss(tmp_path):
     assert stats["epochs"] == 8 and len(stats["loss"]) == 8 and stats["loss"][-1] < stats["loss"][0]
     assert loss(learned) < 0.7 * loss(kmeans)
     assert all(not np.array_equal(a.centroids, b.centroids) for a, b in zip(learned, kmeans))
+
+
+def test_layer_loss_also_matches_the_replaced_layers_outputs(tmp_path):
+    """layer_loss > 0: the loss adds the replaced layers' own outputs (so it starts higher
+    than the output loss alone), training still lowers it, and the view returns only the
+    graph's outputs afterwards."""
+    path, feeds = _cnn_case(tmp_path)
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, result = apply_lut(imported, LutConfig(holdout=0.0), feeds, resolve_target("host"), progress=False)
+    first = {}
+    for weight in (0.0, 1.0):
+        cfg = LearnConfig(epochs=4, lr=3e-3, batch=4, layer_loss=weight)
+        student = student_view(imported.onnx_model, result.layers)
+        stats = distill(imported.onnx_model, student, feeds, cfg, None, 0, False, ["k"], "test")
+        assert stats["loss"][-1] < stats["loss"][0] and student.taps == []
+        assert len(student(x=torch.from_numpy(feeds[0]["x"]))) == 1
+        first[weight] = stats["loss"][0]
+    assert first[1.0] > first[0.0]
 
 
 def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
