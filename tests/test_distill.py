@@ -178,15 +178,36 @@ def test_greedy_choice_on_a_known_metric():
 
     cost = {"a": 0.002, "b": 0.009, "c": 0.005, "d": 0.005}  # accuracy lost alone (fractions)
     layers = list(cost)
-    choice = choose_layers(lambda chosen: 0.9 - sum(cost[x] for x in chosen), layers, Budget("accuracy", 1.0),
+    choice = choose_layers(lambda chosen, bound=False: 0.9 - sum(cost[x] for x in chosen), layers, Budget("accuracy", 1.0),
                            progress=False)
     assert choice.kept == [True, False, False, True]  # a (0.2) + d (0.5, later than c) = 0.7 points; + c or b: over
     assert choice.baseline == pytest.approx(0.9) and choice.final == pytest.approx(0.893)
     assert choice.sensitivity == pytest.approx([0.002, 0.009, 0.005, 0.005])
     # co-adapted (learned together): each alone costs 2 points, all four together nothing
-    together = choose_layers(lambda chosen: 0.9 if len(chosen) in (0, 4) else 0.88, layers, Budget("accuracy", 1.0),
+    together = choose_layers(lambda chosen, bound=False: 0.9 if len(chosen) in (0, 4) else 0.88, layers, Budget("accuracy", 1.0),
                              progress=False)
     assert together.kept == [True] * 4 and together.final == pytest.approx(0.9)
+
+
+def test_budget_is_checked_one_standard_error_below_the_mean(tmp_path):
+    """Metric(bound=True): the mean cosine over validation rows less the standard error of
+    the per-row difference to fp32 (NumPy on the torch views' outputs); fp32 has no error."""
+    from lut_compiler.layer_choice import Metric
+
+    path, feeds = _cnn_case(tmp_path)
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, result = apply_lut(imported, LutConfig(holdout=0.0), feeds, resolve_target("host"), progress=False)
+    metric = Metric(imported.onnx_model, feeds[:5], None, "cosine")
+    teacher, student = OnnxModule(imported.onnx_model), student_view(imported.onnx_model, result.layers)
+    cos = []
+    with torch.no_grad():
+        for f in feeds[:5]:
+            a, b = (m(x=torch.from_numpy(f["x"]))[0].numpy().reshape(2, -1) for m in (student, teacher))
+            cos += list((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
+    cos = np.array(cos)
+    assert metric(result.layers) == pytest.approx(cos.mean(), abs=1e-5)
+    assert metric(result.layers, bound=True) == pytest.approx(cos.mean() - (cos - 1).std(ddof=1) / np.sqrt(10), abs=1e-5)
+    assert metric([], bound=True) == metric([]) == pytest.approx(1.0)
 
 
 def test_budget_keeps_the_validation_cosine(tmp_path):
