@@ -96,16 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
     args = parser.parse_args(argv)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss)] if args.learn else [])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
                 rows.append(measure(model, layers, args.tables, learn))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "lut_accuracy.json").write_text(json.dumps(rows, indent=1))
-    (out / "lut_accuracy.md").write_text(markdown(rows) + "\n")
+                # after every row: an interrupted run keeps what it measured
+                (out / "lut_accuracy.json").write_text(json.dumps(rows, indent=1))
+                (out / "lut_accuracy.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
 
 
