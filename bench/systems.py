@@ -22,10 +22,10 @@ calls with ``timed_block``. Every duration is in seconds.
 - ``lutc-sparse``: ``lutc`` with every matmul/conv weight pruned to 90% sparsity in 16x1
   blocks by magnitude, each layer kept sparse where measured >= 1.1x faster (lossy: the
   cosine column shows the pruning's effect, no fine-tune).
-- ``lutc-learned``: ``lutc`` with lookup-add layers whose centroids are learned by distillation
-  (LUT-NN, ``--learn-minutes``, 10 by default) and chosen within the same budget as ``lutc-auto`` (``--learn
-  --max-drop 1`` / ``--min-cosine 0.99``); the other layers stay dense fp32. Not in the
-  default set: it spends 10 minutes per case learning.
+- ``lutc-learned``: ``lutc`` with lookup-add layers whose centroids are learned by
+  distillation (LUT-NN, ``--learn-minutes``, 10 by default) and chosen within the same
+  budget as ``lutc-auto`` (``--lut-learn --max-drop 1`` / ``--min-cosine 0.99``); the other
+  layers stay dense fp32. Not in the default set: it spends 10 minutes per case learning.
 - ``lutc-auto``: ``lutc`` with the per-layer plan (``--auto``): dense, int8, sparse (70% 16x1
   magnitude pruning) or lookup-add per layer, each measured on the target, within 1 point of
   top-1 accuracy (labelled models, on the case's calibration rows) or a mean cosine of 0.99

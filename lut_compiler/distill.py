@@ -5,7 +5,8 @@ The replaced layers become `pq_layer` modules inside a torch view of the model
 The loss matches every float output, each normalized by its mean square:
 sum_o mean((student_o - teacher_o)^2) / mean(teacher_o^2), plus cross-entropy on the first
 output when labels are given, plus (`LearnConfig.layer_loss` > 0) that weight times the
-mean normalized MSE of the replaced layers' outputs. No other parameter moves unless `LearnConfig.train_weights`.
+mean normalized MSE of the replaced layers' outputs. No other parameter moves unless
+`LearnConfig.train_weights`.
 Samples are run one at a time (their shapes are bound) and `batch` of them make one Adam
 step. Training stops after `epochs` or `minutes` (checked after every step), saves a
 checkpoint after every epoch and resumes from it.

@@ -13,8 +13,8 @@ all layers (learned centroids are trained together, so a subset can do worse tha
 whole): while they miss the budget, the most sensitive layer is dropped (ties: earlier
 layers first, LUT-NN's preference for later ones), then the dropped ones are tried back,
 least sensitive first. The budget is checked against the metric less one standard error
-of its per-row difference to fp32, so a choice at the edge of the budget on the validation
-rows still holds on unseen ones. At most 3 x layers + 2 metric evaluations.
+of its per-row difference to fp32, so that a choice at the edge of the budget on the
+validation rows is less likely to miss it on unseen ones. At most 3 x layers + 2 metric evaluations.
 """
 
 from __future__ import annotations
