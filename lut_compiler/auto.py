@@ -11,8 +11,9 @@ lookup-add, pruned or detected block-sparse weights for sparse) and then:
 - accuracy cost: the metric lost on validation samples when only this layer takes the option
   (the torch view computes exactly what the kernels do: PQ layers, masked sparse weights);
 - plan: the least summed latency whose summed costs fit the budget (`planner`); the whole plan
-  is then scored on the validation samples and, while over budget, re-planned with half the
-  budget (costs do not add exactly); failing that, every layer stays dense.
+  is then scored on the validation samples (the mean less one standard error, as in
+  `layer_choice`) and, while over budget, re-planned with half the budget (costs do not add
+  exactly); failing that, every layer stays dense.
 
 Samples: a `holdout` share is kept for the final report (never used here); of the rest a
 `validation` share measures costs, the others fit codebooks.
@@ -155,14 +156,14 @@ def apply_auto(imported: ImportedModel, cfg: AutoConfig, calibration: Calibratio
 
     options = {layer.candidate.var: [Option("dense", layer.ms["dense"])]
                + [Option(k, layer.ms[k], layer.cost[k]) for k in layer.kinds()] for layer in layers}
-    limit, planned, replans = budget, baseline, 0
+    limit, replans = budget, 0
     while True:
         chosen = plan(options, limit) if options else {}
         for layer in layers:
             layer.choice = chosen[layer.candidate.var].kind
         lossy = {layer.candidate.name: layer.module(layer.choice) for layer in layers if layer.choice != "dense"}
-        planned = metric.of_modules(lossy) if lossy else baseline
-        if within(cfg.budget, baseline, planned) or not lossy:
+        if not lossy or within(cfg.budget, baseline, metric.of_modules(lossy, bound=True)):
+            planned = metric.of_modules(lossy) if lossy else baseline
             break
         replans += 1
         limit = limit / 2 if replans < MAX_REPLANS else 0.0

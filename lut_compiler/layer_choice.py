@@ -67,10 +67,10 @@ class Metric:
     def __call__(self, layers: list[LutLayer], bound: bool = False) -> float:
         return self.score(student_view(self.onnx_model, layers) if layers else None, bound)
 
-    def of_modules(self, modules: dict[str, torch.nn.Module]) -> float:
+    def of_modules(self, modules: dict[str, torch.nn.Module], bound: bool = False) -> float:
         """The metric with each named ONNX node computed by its module (a PQ layer, a
         masked sparse layer, ...; `torch_view.OnnxModule`)."""
-        return self.score(OnnxModule(self.onnx_model, modules) if modules else None)
+        return self.score(OnnxModule(self.onnx_model, modules) if modules else None, bound)
 
     def score(self, model: OnnxModule | None, bound: bool = False) -> float:
         """The metric of `model` (None: the fp32 model): the mean over validation rows or, with
