@@ -3,8 +3,9 @@ with --learn also learned ones (distillation from the fp32 model, LUT-NN).
 
     python -m lut_compiler.bench.lut_accuracy [--learn] [--learn-minutes 10] [--out bench/results]
 
-Selections are "all", "last:N", or "budget": the greedy layer choice among all layers within
-1 point of top-1 accuracy (digits) or a mean cosine of 0.99 (MiniLM) on validation samples.
+Selections are "all", "last:N", or "budget": the layer choice among all layers within the
+bench's budget (`systems.bench_budget`: 1 point of top-1 accuracy for digits, a mean cosine
+of 0.99 for MiniLM) on validation samples.
 For each model and layer selection: layers and share of matmul/conv FLOPs replaced,
 held-out accuracy of fp32 vs lookup-add (digits) or cosine of sentence embeddings
 (MiniLM), output SQNR, and the time the lookup-add phase took (calibration + k-means
@@ -23,6 +24,8 @@ import numpy as np
 
 import lut_compiler
 from lut_compiler import zoo
+
+from .systems import bench_budget
 
 # model -> (layer selections, number of samples, share of them held out)
 GRID = {
@@ -47,7 +50,7 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
     budget = None
     if layers == "budget":
-        budget = lut_compiler.Budget("accuracy", 1.0) if labels is not None else lut_compiler.Budget("cosine", 0.99)
+        budget = bench_budget(labels is not None)
     lut = lut_compiler.LutConfig(layers="all" if budget else layers, table_dtype=table_dtype, learn=learn,
                                  budget=budget, holdout=holdout)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)

@@ -263,7 +263,7 @@ def build_lutc(spec: BuildSpec) -> Built:
                  tune_s, cached, tuning, plan)
 
 
-def _budget(labelled: bool):
+def bench_budget(labelled: bool):
     """The bench's accuracy budget: 1 point of top-1 accuracy (labelled models) or cosine 0.99 to fp32."""
     from ..config import Budget
 
@@ -273,7 +273,7 @@ def _budget(labelled: bool):
 def _auto_config(labelled: bool):
     from ..config import AutoConfig
 
-    return AutoConfig(budget=_budget(labelled), prune=0.7)
+    return AutoConfig(budget=bench_budget(labelled), prune=0.7)
 
 
 def _lut_config(spec: BuildSpec, labelled: bool):
@@ -282,7 +282,7 @@ def _lut_config(spec: BuildSpec, labelled: bool):
     if spec.system == "lutc-lut":
         return LutConfig()
     if spec.system == "lutc-learned":
-        return LutConfig(learn=LearnConfig(minutes=spec.learn_minutes), budget=_budget(labelled))
+        return LutConfig(learn=LearnConfig(minutes=spec.learn_minutes), budget=bench_budget(labelled))
     return None
 
 
