@@ -30,7 +30,7 @@ from .systems import bench_budget
 # model -> (layer selections, number of samples, share of them held out)
 GRID = {
     "mlp": (["all", "last:2", "last:1", "budget"], 360, 0.2),
-    "digits_cnn": (["all", "last:5", "last:3", "budget"], 1000, 0.2),
+    "digits_cnn": (["all", "last:5", "last:3", "budget"], 2000, 0.2),
     "minilm_pooled": (["all", "last:12", "budget"], 96, 1 / 3),
 }
 
@@ -44,7 +44,7 @@ def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None) -> dict:
+def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None, finer: int = 0) -> dict:
     _, count, holdout = GRID[model]
     feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
@@ -52,20 +52,21 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     if layers == "budget":
         budget = bench_budget(labels is not None)
     lut = lut_compiler.LutConfig(layers="all" if budget else layers, table_dtype=table_dtype, learn=learn,
-                                 budget=budget, holdout=holdout)
+                                 budget=budget, finer=finer, holdout=holdout)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)
     start = time.perf_counter()
     compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": layers, "table_dtype": table_dtype, "codebooks": "learned" if learn else "k-means",
+        "model": model, "layers": f"{layers} finer:{finer}" if budget and finer else layers, "table_dtype": table_dtype, "codebooks": "learned" if learn else "k-means",
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
         "lut_seconds": compiled.record["phases"]["lut"], "compile_seconds": round(time.perf_counter() - start, 1),
         "learn_seconds": sum(run["seconds"] for run in report.get("learn", [])),
         "learn_epochs": [run["epochs"] for run in report.get("learn", [])],
+        "subspaces": sorted({r["V"] for r in report["layers"] if r["replaced"]}),
     }
     if "accuracy" in report:
         row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
@@ -97,18 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learn-layer-loss", type=float, default=0.0,
                         help="weight of the replaced layers' own outputs in the learning loss")
     parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the output files")
+    parser.add_argument("--finer", type=int, default=0,
+                        help="budget rows: a layer over the budget may halve its V this many times (LutConfig.finer)")
     args = parser.parse_args(argv)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss)] if args.learn else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    saved = out / "lut_accuracy.json"
+    rows = json.loads(saved.read_text()) if args.append and saved.exists() else []
     for model in args.models:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
-                rows.append(measure(model, layers, args.tables, learn))
+                rows.append(measure(model, layers, args.tables, learn, args.finer))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 # after every row: an interrupted run keeps what it measured
-                (out / "lut_accuracy.json").write_text(json.dumps(rows, indent=1))
+                saved.write_text(json.dumps(rows, indent=1))
                 (out / "lut_accuracy.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
 

@@ -86,6 +86,9 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
                                  "--labels) within POINTS of fp32 on validation samples")
         budget.add_argument("--min-cosine", type=float, metavar="C",
                             help="replace only the layers that keep the outputs' mean cosine to fp32 >= C")
+        g.add_argument("--lut-finer", type=int, default=0, metavar="N",
+                       help="with a budget: a layer over it may halve its V up to N times before it stays dense "
+                            "(finer codebooks, more lookups; default 0)")
     g.add_argument("--lut-layers", default="all", metavar="all|last:N|REGEX", help="which eligible layers to replace")
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
@@ -189,7 +192,7 @@ def _lut_config(args, budget: bool = True):
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, overrides=dict(args.lut_override),
                          task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn,
-                         budget=_budget(args) if budget else None)
+                         budget=_budget(args) if budget else None, finer=getattr(args, "lut_finer", 0))
     except ValueError as err:
         raise _usage(str(err)) from None
 

@@ -152,6 +152,9 @@ class LutConfig:
     learn: centroid learning after k-means (None: k-means codebooks only).
     budget: choose, among the layers `layers` selects, the ones to replace so that the
         validation metric stays within this budget (`layer_choice`); None replaces them all.
+    finer: with a budget, how many times a layer that costs too much may halve its V (a
+        closer approximation with twice the codebooks, lookups and table bytes: int8 tables
+        of K x D x N bytes / V) before it stays dense; 0: replaced at its V or dense.
     """
 
     layers: str = "all"
@@ -169,6 +172,7 @@ class LutConfig:
     kernel: str = "auto"
     learn: LearnConfig | None = None
     budget: Budget | None = None
+    finer: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,6 +194,8 @@ class LutConfig:
         sizes += [o.subspace_len for o in self.overrides.values() if o.subspace_len is not None]
         if min(sizes) < 1:
             raise ValueError(f"sub-space sizes must be >= 1, got {sizes}")
+        if self.finer < 0:
+            raise ValueError(f"finer must be >= 0, got {self.finer}")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         check_layers(self.layers)

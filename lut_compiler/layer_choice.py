@@ -8,13 +8,16 @@ validation samples (calibration samples outside the report's held-out set):
   the fp32 model when there are no labels); the budget is a drop in points (`max_drop`).
 - "cosine": mean cosine similarity of output 0's rows to the fp32 model's (`min_cosine`).
 
-Sensitivity of a layer: the metric lost when only it is replaced. The choice starts from
-all layers (learned centroids are trained together, so a subset can do worse than the
-whole): while they miss the budget, the most sensitive layer is dropped (ties: earlier
-layers first, LUT-NN's preference for later ones), then the dropped ones are tried back,
-least sensitive first. The budget is checked against the metric less one standard error
-of its per-row difference to fp32, so that a choice at the edge of the budget on the
-validation rows is less likely to miss it on unseen ones. At most 3 x layers + 2 metric evaluations.
+Each layer comes as variants, coarse to fine (its V, then V/2, ...: `LutConfig.finer`);
+past the last one it stays dense. Sensitivity of a variant: the metric lost when only it is
+replaced. The choice starts from every layer at its coarsest variant (learned centroids are
+trained together, so a subset can do worse than the whole): while they miss the budget, the
+layer whose current variant is the most sensitive steps one finer, or to dense (ties: earlier
+layers first, LUT-NN's preference for later ones); then the layers that stepped are tried
+back coarser, least sensitive first. The budget is checked against the metric less one
+standard error of its per-row difference to fp32, so that a choice at the edge of the budget
+on the validation rows is less likely to miss it on unseen ones. With one variant per layer:
+at most 3 x layers + 2 metric evaluations.
 """
 
 from __future__ import annotations
@@ -40,13 +43,18 @@ def within(budget: Budget, baseline: float, value: float) -> bool:
 
 @dataclass
 class Choice:
-    """Per layer (same order as the input layers): sensitivity and whether it was kept;
-    baseline and final metric on the validation samples."""
+    """Per layer (same order as the input): sensitivity of its coarsest variant and the
+    variant chosen (an index into its variants; None: dense); baseline and final metric on
+    the validation samples."""
 
     sensitivity: list[float]
-    kept: list[bool]
+    variant: list[int | None]
     baseline: float
     final: float
+
+    @property
+    def kept(self) -> list[bool]:
+        return [v is not None for v in self.variant]
 
 
 class Metric:
@@ -97,30 +105,43 @@ class Metric:
         return torch.cat(scores)
 
 
-def choose_layers(metric: Metric, layers: list[LutLayer], budget: Budget, progress: bool = True) -> Choice:
-    """Layers (program order) to replace within `budget` of the fp32 metric (module docstring)."""
+def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget, progress: bool = True) -> Choice:
+    """A variant or dense for each layer (program order; variants coarse to fine) within
+    `budget` of the fp32 metric (module docstring)."""
     baseline = metric([])
-    sensitivity = [baseline - metric([layer]) for layer in tqdm(layers, desc="sensitivity", unit="layer",
-                                                                 disable=not progress, leave=False)]
-    kept = [True] * len(layers)
+    costs: dict[tuple[int, int], float] = {}
+
+    def cost(i: int, level: int) -> float:
+        if (i, level) not in costs:
+            costs[i, level] = baseline - metric([variants[i][level]])
+        return costs[i, level]
+
+    n = len(variants)
+    sensitivity = [cost(i, 0) for i in tqdm(range(n), desc="sensitivity", unit="layer", disable=not progress, leave=False)]
+    level = [0] * n  # len(variants[i]): dense
 
     def value() -> float:
-        return metric([layer for layer, keep in zip(layers, kept) if keep], bound=True)
+        return metric([v[at] for v, at in zip(variants, level) if at < len(v)], bound=True)
 
-    current = value()
-    order = sorted(range(len(layers)), key=lambda i: (round(sensitivity[i], 6), -i))  # least sensitive first
-    dropped = []
-    with tqdm(total=len(layers), desc="choose layers", unit="layer", disable=not progress, leave=False) as bar:
-        for i in reversed(order):
-            if within(budget, baseline, current):
+    current, steps = value(), []
+    with tqdm(desc="choose layers", unit="step", disable=not progress, leave=False) as bar:
+        while not within(budget, baseline, current):
+            live = [i for i in range(n) if level[i] < len(variants[i])]
+            if not live:
                 break
-            kept[i] = False
-            dropped.append(i)
+            i = max(live, key=lambda i: (round(cost(i, level[i]), 6), -i))
+            level[i] += 1
+            steps.append(i)
             current = value()
             bar.update()
-        for i in reversed(dropped[:-1]):  # the last one dropped made the rest fit: try the others back
-            kept[i] = True
-            kept[i] = within(budget, baseline, value())
-            bar.update()
-    final = metric([layer for layer, keep in zip(layers, kept) if keep])
-    return Choice(sensitivity, kept, baseline, final)
+        # the last step made the rest fit: try the others back coarser, least sensitive first
+        for i in sorted(set(steps) - set(steps[-1:]), key=lambda i: (round(sensitivity[i], 6), -i)):
+            while level[i] > 0:
+                level[i] -= 1
+                bar.update()
+                if not within(budget, baseline, value()):
+                    level[i] += 1
+                    break
+    chosen = [at if at < len(v) else None for v, at in zip(variants, level)]
+    final = metric([v[at] for v, at in zip(variants, chosen) if at is not None])
+    return Choice(sensitivity, chosen, baseline, final)

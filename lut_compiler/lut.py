@@ -22,7 +22,7 @@ from .errors import CalibrationError
 from .layer_choice import Metric, choose_layers
 from .onnx_import import ImportedModel
 from .passes.find_candidates import find_candidates
-from .passes.lut_plan import LayerPlan, plan_layers
+from .passes.lut_plan import LayerPlan, halved, plan_layers
 from .passes.lut_rewrite import rewrite_lut
 
 
@@ -75,28 +75,54 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
     rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)
     layers, refined = [], None
     if chosen:
-        train = capture(imported.onnx_model, [samples[i] for i in train_ids], chosen, rows, cfg.seed, progress)
         held_rows = max(1, round(rows * cfg.holdout)) if held_ids != train_ids else rows
-        held = capture(imported.onnx_model, [samples[i] for i in held_ids], chosen, held_rows, cfg.seed + 1, progress)
-        for p in tqdm(chosen, desc="codebooks", unit="layer", disable=not progress, leave=False):
-            layers.append(learn_layer(p, train[p.candidate.var], held[p.candidate.var], cfg.table_dtype,
-                                      cfg.seed, cfg.kmeans_iters))
-        layers, refined = _refine(imported, layers, samples, train_ids, labels, cfg, progress)
+        sets = ([samples[i] for i in train_ids], rows), ([samples[i] for i in held_ids], held_rows)
+        held: dict[tuple[str, int], np.ndarray] = {}  # (call var, V) -> held-out sub-vectors
+        variants = [[layer] for layer in _codebooks(imported, chosen, sets, held, cfg, progress)]
+        finer = chosen
+        for _ in range(cfg.finer if cfg.budget is not None else 0):
+            finer = [h for h in map(halved, finer) if h is not None]
+            if not finer:
+                break
+            by_var = {layer.plan.candidate.var: layer for layer in _codebooks(imported, finer, sets, held, cfg, progress)}
+            for v in variants:
+                if v[0].plan.candidate.var in by_var:
+                    v.append(by_var[v[0].plan.candidate.var])
+        layers, refined = _refine(imported, variants, samples, train_ids, labels, cfg, progress)
+        final = {layer.plan.candidate.var: layer.plan for layer in layers}
+        plans = [final.get(p.candidate.var, p) for p in plans]
         for layer in layers:
-            sub = held[layer.plan.candidate.var]
+            sub = held[layer.plan.candidate.var, layer.plan.subspace_len]
             layer.snr_db = round(snr_db(layer.dense(sub), layer.forward(sub)), 2)
     return rewrite_lut(imported.mod, layers), LutResult(plans, layers, samples, held_ids, rows, labels, refined)
 
 
-def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds], train_ids: list[int],
+def _codebooks(imported: ImportedModel, plans: list[LayerPlan], sets: tuple, held: dict, cfg: LutConfig,
+               progress: bool) -> list[LutLayer]:
+    """k-means codebooks and tables of `plans` from the calibration (train, held-out) sample
+    sets, each (samples, rows per layer); the held-out sub-vectors go into `held`."""
+    (train_samples, rows), (held_samples, held_rows) = sets
+    train = capture(imported.onnx_model, train_samples, plans, rows, cfg.seed, progress)
+    held_sub = capture(imported.onnx_model, held_samples, plans, held_rows, cfg.seed + 1, progress)
+    layers = []
+    for p in tqdm(plans, desc="codebooks", unit="layer", disable=not progress, leave=False):
+        var = p.candidate.var
+        layers.append(learn_layer(p, train[var], held_sub[var], cfg.table_dtype, cfg.seed, cfg.kmeans_iters))
+        held[var, p.subspace_len] = held_sub[var]
+    return layers
+
+
+def _refine(imported: ImportedModel, variants: list[list[LutLayer]], samples: list[Feeds], train_ids: list[int],
             labels: np.ndarray | None, cfg: LutConfig, progress: bool) -> tuple[list[LutLayer], dict | None]:
     """Learn the centroids (cfg.learn) and/or keep the layers within cfg.budget.
 
-    With a budget, a quarter of the training samples (at least one) validates the choice
-    and the rest train; the report's held-out samples stay unseen. Learning runs on all
-    candidate layers before the choice (at most half of `cfg.learn.minutes`), and again on the kept
-    ones after it (what is left of the minutes; kept if no worse on validation).
+    variants: per layer, its LutLayer at V, then at finer V (`LutConfig.finer`); the budget's
+    choice picks one of them or dense. With a budget, a quarter of the training samples (at
+    least one) validates the choice and the rest train; the report's held-out samples stay unseen. Learning runs on all
+    candidate layers (at their V) before the choice (at most half of `cfg.learn.minutes`), and
+    again on the kept ones after it (what is left of the minutes; kept if no worse on validation).
     """
+    layers = [v[0] for v in variants]
     if cfg.budget is None and cfg.learn is None:
         return layers, None
     fit_ids, val_ids = train_ids, train_ids
@@ -120,24 +146,27 @@ def _refine(imported: ImportedModel, layers: list[LutLayer], samples: list[Feeds
     layers = learn(layers, total if cfg.budget is None else total / 2)
     if cfg.budget is None:
         return layers, {"learn": runs}
+    variants = [[layer, *v[1:]] for layer, v in zip(layers, variants)]
     metric = Metric(imported.onnx_model, [samples[i] for i in val_ids],
                     labels[val_ids] if labels is not None else None, cfg.budget.metric)
-    choice = choose_layers(metric, layers, cfg.budget, progress)
-    kept = [layer for layer, keep in zip(layers, choice.kept) if keep]
+    choice = choose_layers(metric, variants, cfg.budget, progress)
+    kept = [v[at] for v, at in zip(variants, choice.variant) if at is not None]
     for layer, keep, loss in zip(layers, choice.kept, choice.sensitivity):
         if not keep:
             layer.plan.reason = f"over the {cfg.budget.metric} budget (alone it costs {loss:+.4f})"
+    finer = {v[at].plan.candidate.name: v[at].plan.subspace_len for v, at in zip(variants, choice.variant) if at}
     final = choice.final
     rest = total - sum(run["seconds"] for run in runs) / 60
-    if kept and len(kept) < len(layers) and cfg.learn is not None and rest > 0:
+    if kept and choice.variant != [0] * len(layers) and cfg.learn is not None and rest > 0:
         relearned = learn(kept, rest)
         value = metric(relearned)
-        if value >= final:  # learning again without the dropped layers; kept only if no worse
+        if value >= final:  # learning again without the dropped layers (finer ones: from k-means); kept only if no worse
             kept, final = relearned, value
     report = {"budget": {"metric": cfg.budget.metric, "limit": cfg.budget.limit, "validation_samples": len(val_ids),
                          "fp32": round(choice.baseline, 5), "chosen": round(final, 5),
                          "sensitivity": {layer.plan.candidate.name: round(v, 5)
-                                         for layer, v in zip(layers, choice.sensitivity)}},
+                                         for layer, v in zip(layers, choice.sensitivity)},
+                         "finer": finer},
               "learn": runs}
     return kept, report
 

@@ -129,6 +129,8 @@ def format_report(report: dict) -> str:
         lines.append(f"budget: {b['metric']} {bound} on {b['validation_samples']} validation samples: fp32 "
                      f"{b['fp32']:.4f}, chosen layers {b['chosen']:.4f}; left dense over budget:")
         lines += [f"  {r['name']}: {r['reason']}" for r in report["layers"] if "budget" in (r.get("reason") or "")]
+        if b.get("finer"):
+            lines.append("at a finer V to fit the budget: " + ", ".join(f"{n} (V={v})" for n, v in b["finer"].items()))
     for run in report.get("learn", []):
         loss = f", loss {run['loss'][0]:.4g} -> {run['loss'][-1]:.4g}" if run["loss"] else ""
         lines.append(f"learned centroids of {run['layers']} layers on {run['samples']} samples: {run['epochs']} epochs "

@@ -7,7 +7,7 @@ a plan: replaced, or kept dense with the reason (not eligible, or not selected).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import LutConfig
 from . import lut_conv2d, lut_matmul
@@ -74,6 +74,15 @@ def plan_layers(candidates: list[Candidate], cfg: LutConfig) -> list[LayerPlan]:
             reason = f"not selected (layers={cfg.layers})"
         plans.append(LayerPlan(c, v if codebooks else 0, codebooks, k, reason))
     return plans
+
+
+def halved(plan: LayerPlan) -> LayerPlan | None:
+    """The same replaced layer with V/2 (twice the codebooks), or None when V is odd or the
+    layer's rule refuses V/2."""
+    v = plan.subspace_len // 2
+    if plan.subspace_len % 2 or plan.rule.check(plan.candidate, v) is not None:
+        return None
+    return replace(plan, subspace_len=v, codebooks=plan.rule.codebooks(plan.candidate, v))
 
 
 def table(plans: list[LayerPlan]) -> str:

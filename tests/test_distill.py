@@ -177,7 +177,7 @@ def test_greedy_choice_on_a_known_metric():
     from lut_compiler.layer_choice import choose_layers
 
     cost = {"a": 0.002, "b": 0.009, "c": 0.005, "d": 0.005}  # accuracy lost alone (fractions)
-    layers = list(cost)
+    layers = [[x] for x in cost]  # one variant each
     choice = choose_layers(lambda chosen, bound=False: 0.9 - sum(cost[x] for x in chosen), layers, Budget("accuracy", 1.0),
                            progress=False)
     assert choice.kept == [True, False, False, True]  # a (0.2) + d (0.5, later than c) = 0.7 points; + c or b: over
@@ -187,6 +187,28 @@ def test_greedy_choice_on_a_known_metric():
     together = choose_layers(lambda chosen, bound=False: 0.9 if len(chosen) in (0, 4) else 0.88, layers, Budget("accuracy", 1.0),
                              progress=False)
     assert together.kept == [True] * 4 and together.final == pytest.approx(0.9)
+
+
+def test_choice_steps_costly_layers_to_finer_variants_before_dense():
+    """Variants coarse to fine (V, V/2): the most costly current variant steps finer (or to
+    dense when it has none); steps that would break the budget again are not undone."""
+    from lut_compiler.config import Budget
+    from lut_compiler.layer_choice import choose_layers
+
+    cost = {"a4": 0.002, "a2": 0.001, "b4": 0.009, "b2": 0.003, "c4": 0.0065, "d4": 0.0055, "d2": 0.002}
+    variants = [["a4", "a2"], ["b4", "b2"], ["c4"], ["d4", "d2"]]
+    evaluated = []
+
+    def metric(chosen, bound=False):
+        evaluated.append(tuple(chosen))
+        return 0.9 - sum(cost[x] for x in chosen)
+
+    choice = choose_layers(metric, variants, Budget("accuracy", 1.0), progress=False)
+    # all coarse 2.25 points -> b finer 1.65 -> c dense 1.05 -> d finer 0.7; c or b back: over
+    assert choice.variant == [0, 1, None, 1] and choice.kept == [True, True, False, True]
+    assert choice.final == pytest.approx(0.893)
+    assert choice.sensitivity == pytest.approx([0.002, 0.009, 0.0065, 0.0055])
+    assert ("a2",) not in evaluated  # a finer variant is only measured once the layer steps to it
 
 
 def test_budget_is_checked_one_standard_error_below_the_mean(tmp_path):
@@ -230,6 +252,50 @@ def test_budget_keeps_the_validation_cosine(tmp_path):
                                                      lut=LutConfig(holdout=0.25, budget=Budget("cosine", -1.0))),
                                  progress=False, calibration=feeds)
     assert all(r["replaced"] for r in loose.record["lut"]["layers"])
+
+
+def test_finer_subspaces_keep_more_layers_within_the_budget(tmp_path):
+    """finer=1: a layer over the budget at V may stay replaced at V/2 (the 1x1 projection:
+    V 4 -> 2; 3x3 convs have odd V = 9 and no finer variant) instead of dense; the budget
+    holds on validation and the compiled model computes the torch view of the chosen layers."""
+    from lut_compiler.config import Budget
+
+    path, feeds = _cnn_case(tmp_path, samples=16)
+    shapes = {"x": (2, 3, 8, 8)}
+    replaced = {}
+    for finer in (0, 1):
+        cfg = LutConfig(holdout=0.25, budget=Budget("cosine", 0.999), finer=finer)
+        model = lut_compiler.compile(path, CompileConfig(input_shapes=shapes, lut=cfg), progress=False,
+                                     calibration=feeds)
+        report = model.record["lut"]
+        replaced[finer] = {r["name"]: r["V"] for r in report["layers"] if r["replaced"]}
+        assert report["budget"]["chosen"] >= 0.999
+        assert report["budget"]["finer"] == {n: v for n, v in replaced[finer].items() if v == 2}
+    assert set(replaced[0]) < set(replaced[1]) and replaced[1]["/proj/Conv"] == 2
+    imported = import_onnx(path, shapes)
+    _, result = apply_lut(imported, cfg, feeds, resolve_target("host"), progress=False)
+    student = student_view(imported.onnx_model, result.layers)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+        with torch.no_grad():
+            expected = student(x=torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_finer_option(tmp_path, capfd):
+    """--lut-finer N: the report names the layers at a finer V; a negative N is a one-line usage error."""
+    from test_cli import lutc_here
+
+    path, feeds = _cnn_case(tmp_path, samples=16)
+    np.savez(tmp_path / "calib.npz", x=np.stack([f["x"] for f in feeds]))
+    args = ["compile", path, "-o", tmp_path / "out", "--input-shape", "x=2x3x8x8", "--lut", "--calib",
+            tmp_path / "calib.npz", "--min-cosine", "0.999", "--lut-finer"]
+    code, _, err = lutc_here(capfd, *args, "-1")
+    assert code == 2 and "finer must be >= 0" in err and not (tmp_path / "out").exists()
+    code, out, err = lutc_here(capfd, *args, "1")
+    assert code == 0, err
+    assert "at a finer V to fit the budget: /proj/Conv (V=2)" in out
 
 
 def test_budget_with_learning_shares_the_time_budget(tmp_path, monkeypatch):
