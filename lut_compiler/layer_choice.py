@@ -9,15 +9,17 @@ validation samples (calibration samples outside the report's held-out set):
 - "cosine": mean cosine similarity of output 0's rows to the fp32 model's (`min_cosine`).
 
 Each layer comes as variants, coarse to fine (its V, then V/2, ...: `LutConfig.finer`);
-past the last one it stays dense. Sensitivity of a variant: the metric lost when only it is
-replaced. The choice starts from every layer at its coarsest variant (learned centroids are
-trained together, so a subset can do worse than the whole): while they miss the budget, the
-layer whose current variant is the most sensitive steps one finer, or to dense (ties: earlier
-layers first, LUT-NN's preference for later ones); then the layers that stepped are tried
-back coarser, least sensitive first. The budget is checked against the metric less one
-standard error of its per-row difference to fp32, so that a choice at the edge of the budget
-on the validation rows is less likely to miss it on unseen ones. With one variant per layer:
-at most 3 x layers + 2 metric evaluations.
+past the last one it stays dense. Cost of a variant: the metric lost when only it is
+replaced; its layer's sensitivity is the cost of its coarsest variant. To replace as much
+compute as possible, layers are ranked by cost per FLOP (a greedy knapsack). The choice
+starts from every layer at its coarsest variant (learned centroids are trained together, so
+a subset can do worse than the whole): while they miss the budget, the layer whose current
+variant costs the most per FLOP steps one finer, or to dense (ties: earlier layers first,
+LUT-NN's preference for later ones); then the layers that stepped are tried back coarser,
+cheapest per FLOP first. The budget is checked against the metric less one standard error
+of its per-row difference to fp32, so that a choice at the edge of the budget on the
+validation rows is less likely to miss it on unseen ones. With one variant per layer: at
+most 3 x layers + 2 metric evaluations.
 """
 
 from __future__ import annotations
@@ -105,9 +107,10 @@ class Metric:
         return torch.cat(scores)
 
 
-def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget, progress: bool = True) -> Choice:
+def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget, flops: list[float] | None = None,
+                  progress: bool = True) -> Choice:
     """A variant or dense for each layer (program order; variants coarse to fine) within
-    `budget` of the fp32 metric (module docstring)."""
+    `budget` of the fp32 metric (module docstring); flops: per layer (None: all equal)."""
     baseline = metric([])
     costs: dict[tuple[int, int], float] = {}
 
@@ -117,6 +120,7 @@ def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget
         return costs[i, level]
 
     n = len(variants)
+    flops = flops or [1.0] * n
     sensitivity = [cost(i, 0) for i in tqdm(range(n), desc="sensitivity", unit="layer", disable=not progress, leave=False)]
     level = [0] * n  # len(variants[i]): dense
 
@@ -129,13 +133,13 @@ def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget
             live = [i for i in range(n) if level[i] < len(variants[i])]
             if not live:
                 break
-            i = max(live, key=lambda i: (round(cost(i, level[i]), 6), -i))
+            i = max(live, key=lambda i: (round(cost(i, level[i]), 6) / flops[i], -i))
             level[i] += 1
             steps.append(i)
             current = value()
             bar.update()
-        # the last step made the rest fit: try the others back coarser, least sensitive first
-        for i in sorted(set(steps) - set(steps[-1:]), key=lambda i: (round(sensitivity[i], 6), -i)):
+        # the last step made the rest fit: try the others back coarser, cheapest per FLOP first
+        for i in sorted(set(steps) - set(steps[-1:]), key=lambda i: (round(sensitivity[i], 6) / flops[i], -i)):
             while level[i] > 0:
                 level[i] -= 1
                 bar.update()

@@ -149,7 +149,7 @@ def _refine(imported: ImportedModel, variants: list[list[LutLayer]], samples: li
     variants = [[layer, *v[1:]] for layer, v in zip(layers, variants)]
     metric = Metric(imported.onnx_model, [samples[i] for i in val_ids],
                     labels[val_ids] if labels is not None else None, cfg.budget.metric)
-    choice = choose_layers(metric, variants, cfg.budget, progress)
+    choice = choose_layers(metric, variants, cfg.budget, [layer.plan.candidate.flops for layer in layers], progress)
     kept = [v[at] for v, at in zip(variants, choice.variant) if at is not None]
     for layer, keep, loss in zip(layers, choice.kept, choice.sensitivity):
         if not keep:
