@@ -11,15 +11,15 @@ validation samples (calibration samples outside the report's held-out set):
 Each layer comes as variants, coarse to fine (its V, then V/2, ...: `LutConfig.finer`);
 past the last one it stays dense. Cost of a variant: the metric lost when only it is
 replaced; its layer's sensitivity is the cost of its coarsest variant. To replace as much
-compute as possible, layers are ranked by cost per FLOP (a greedy knapsack). The choice
-starts from every layer at its coarsest variant (learned centroids are trained together, so
-a subset can do worse than the whole): while they miss the budget, the layer whose current
-variant costs the most per FLOP steps one finer, or to dense (ties: earlier layers first,
-LUT-NN's preference for later ones); then the layers that stepped are tried back coarser,
-cheapest per FLOP first. The budget is checked against the metric less one standard error
-of its per-row difference to fp32, so that a choice at the edge of the budget on the
-validation rows is less likely to miss it on unseen ones. With one variant per layer: at
-most 3 x layers + 2 metric evaluations.
+compute as possible, layers are ranked by cost per FLOP (a greedy knapsack): from every layer
+at its coarsest variant, each step moves the layer whose current variant costs the most per
+FLOP one finer, or to dense (ties: earlier layers first, LUT-NN's preference for later ones).
+The choice takes the fewest steps that fit the budget, found by bisection (the whole model is
+measured: learned centroids are trained together, so costs need not add up), then tries the
+layers that stepped back coarser, cheapest per FLOP first. The budget is checked against the
+metric less one standard error of its per-row difference to fp32, so that a choice at the
+edge of the budget on the validation rows is less likely to miss it on unseen ones. Metric
+evaluations: one per variant, about log2(steps) for the bisection, one per try back, plus two.
 """
 
 from __future__ import annotations
@@ -111,41 +111,41 @@ def choose_layers(metric: Metric, variants: list[list[LutLayer]], budget: Budget
                   progress: bool = True) -> Choice:
     """A variant or dense for each layer (program order; variants coarse to fine) within
     `budget` of the fp32 metric (module docstring); flops: per layer (None: all equal)."""
-    baseline = metric([])
-    costs: dict[tuple[int, int], float] = {}
-
-    def cost(i: int, level: int) -> float:
-        if (i, level) not in costs:
-            costs[i, level] = baseline - metric([variants[i][level]])
-        return costs[i, level]
-
     n = len(variants)
     flops = flops or [1.0] * n
-    sensitivity = [cost(i, 0) for i in tqdm(range(n), desc="sensitivity", unit="layer", disable=not progress, leave=False)]
-    level = [0] * n  # len(variants[i]): dense
+    baseline = metric([])
+    costs = [[baseline - metric([v]) for v in vs]
+             for vs in tqdm(variants, desc="sensitivity", unit="layer", disable=not progress, leave=False)]
+    steps, level = [], [0] * n  # level len(variants[i]): dense
+    while live := [i for i in range(n) if level[i] < len(variants[i])]:
+        i = max(live, key=lambda i: (round(costs[i][level[i]], 6) / flops[i], -i))
+        level[i] += 1
+        steps.append(i)
 
-    def value() -> float:
-        return metric([v[at] for v, at in zip(variants, level) if at < len(v)], bound=True)
+    def after(k: int) -> list[int]:
+        """The levels after the first k steps."""
+        return [steps[:k].count(i) for i in range(n)]
 
-    current, steps = value(), []
-    with tqdm(desc="choose layers", unit="step", disable=not progress, leave=False) as bar:
-        while not within(budget, baseline, current):
-            live = [i for i in range(n) if level[i] < len(variants[i])]
-            if not live:
+    bar = tqdm(desc="choose layers", unit="eval", disable=not progress, leave=False)
+
+    def fits(at: list[int]) -> bool:
+        bar.update()
+        return within(budget, baseline, metric([v[a] for v, a in zip(variants, at) if a < len(v)], bound=True))
+
+    # the fewest steps that fit: none, or by bisection (every layer dense fits: the fp32 model)
+    low, high = 0, 0 if fits(after(0)) else len(steps)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(after(mid)) else (mid, high)
+    level = after(high)
+    # the last step made the rest fit: try the others back coarser, cheapest per FLOP first
+    for i in sorted(set(steps[:high]) - set(steps[high - 1:high]), key=lambda i: (round(costs[i][0], 6) / flops[i], -i)):
+        while level[i] > 0:
+            level[i] -= 1
+            if not fits(level):
+                level[i] += 1
                 break
-            i = max(live, key=lambda i: (round(cost(i, level[i]), 6) / flops[i], -i))
-            level[i] += 1
-            steps.append(i)
-            current = value()
-            bar.update()
-        # the last step made the rest fit: try the others back coarser, cheapest per FLOP first
-        for i in sorted(set(steps) - set(steps[-1:]), key=lambda i: (round(sensitivity[i], 6) / flops[i], -i)):
-            while level[i] > 0:
-                level[i] -= 1
-                bar.update()
-                if not within(budget, baseline, value()):
-                    level[i] += 1
-                    break
+    bar.close()
     chosen = [at if at < len(v) else None for v, at in zip(variants, level)]
     final = metric([v[at] for v, at in zip(variants, chosen) if at is not None])
-    return Choice(sensitivity, chosen, baseline, final)
+    return Choice([c[0] for c in costs], chosen, baseline, final)
