@@ -31,7 +31,7 @@ from .systems import bench_budget
 GRID = {
     "mlp": (["all", "last:2", "last:1", "budget"], 360, 0.2),
     "digits_cnn": (["all", "last:5", "last:3", "budget"], 2000, 0.2),
-    "minilm_pooled": (["all", "last:12", "budget"], 96, 1 / 3),
+    "minilm_pooled": (["all", "last:12", "budget"], 184, 1 / 3),
 }
 
 
@@ -68,6 +68,8 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
         "learn_epochs": [run["epochs"] for run in report.get("learn", [])],
         "subspaces": sorted({r["V"] for r in report["layers"] if r["replaced"]}),
     }
+    if "budget" in report:  # the layer choice's metric on its validation samples (fp32, chosen; bound not applied)
+        row["validation"] = {k: report["budget"][k] for k in ("validation_samples", "fp32", "chosen", "finer")}
     if "accuracy" in report:
         row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
     return row

@@ -147,6 +147,21 @@ def test_layer_loss_also_matches_the_replaced_layers_outputs(tmp_path):
     assert first[1.0] > first[0.0]
 
 
+def _assert_compiled_is_the_view(model, path, cfg: LutConfig, feeds, seed: int):
+    """On fresh inputs, the compiled CNN equals the torch view with the layers `apply_lut`
+    makes of `cfg` (the same ones the compile made); returns apply_lut's result."""
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, result = apply_lut(imported, cfg, feeds, resolve_target("host"), progress=False)
+    student = student_view(imported.onnx_model, result.layers)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+        with torch.no_grad():
+            expected = student(x=torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
+    return result
+
+
 def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
     """Learned centroids flow into the same rewrite and kernels; on held-out inputs the
     compiled model equals the student's torch forward pass (int8 tables, shuffle kernels)."""
@@ -156,15 +171,7 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
     model = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)}, lut=cfg), progress=False,
                                  calibration=feeds)
     assert ckpt.exists()
-    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
-    _, result = apply_lut(imported, cfg, feeds, resolve_target("host"), progress=False)  # resumes: no training
-    student = student_view(imported.onnx_model, result.layers)
-    rng = np.random.default_rng(99)
-    for _ in range(3):
-        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
-        with torch.no_grad():
-            expected = student(x=torch.from_numpy(x))[0].numpy()
-        np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
+    result = _assert_compiled_is_the_view(model, path, cfg, feeds, seed=99)  # apply_lut resumes: no training
     assert [r["replaced"] for r in model.record["lut"]["layers"]].count(True) == 6
     assert model.record["lut"]["learn"][0]["epochs"] == 3 and result.refined["learn"][0]["resumed_from"] == 3
 
@@ -279,15 +286,7 @@ def test_finer_subspaces_keep_more_layers_within_the_budget(tmp_path):
         assert report["budget"]["chosen"] >= 0.999
         assert report["budget"]["finer"] == {n: v for n, v in replaced[finer].items() if v == 2}
     assert set(replaced[0]) < set(replaced[1]) and 2 in replaced[1].values()
-    imported = import_onnx(path, shapes)
-    _, result = apply_lut(imported, cfg, feeds, resolve_target("host"), progress=False)
-    student = student_view(imported.onnx_model, result.layers)
-    rng = np.random.default_rng(5)
-    for _ in range(3):
-        x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
-        with torch.no_grad():
-            expected = student(x=torch.from_numpy(x))[0].numpy()
-        np.testing.assert_allclose(model.run({"x": x})["out"], expected, rtol=1e-4, atol=1e-4)
+    _assert_compiled_is_the_view(model, path, cfg, feeds, seed=5)
 
 
 def test_cli_finer_option(tmp_path, capfd):
