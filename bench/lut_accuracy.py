@@ -59,7 +59,7 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": f"{layers} finer:{finer}" if budget and finer else layers, "table_dtype": table_dtype, "codebooks": "learned" if learn else "k-means",
+        "model": model, "layers": f"{layers} finer:{finer}" if budget and finer else layers, "table_dtype": table_dtype, "codebooks": _codebooks(learn),
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
@@ -73,6 +73,12 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     if "accuracy" in report:
         row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
     return row
+
+
+def _codebooks(learn: lut_compiler.LearnConfig | None) -> str:
+    if learn is None:
+        return "k-means"
+    return "learned + weights" if learn.train_weights else "learned"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -99,12 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learn-minutes", type=float, default=10.0, help="learning budget per selection")
     parser.add_argument("--learn-layer-loss", type=float, default=0.0,
                         help="weight of the replaced layers' own outputs in the learning loss")
+    parser.add_argument("--learn-weights", action="store_true",
+                        help="the replaced layers' weights train too (LearnConfig.train_weights)")
     parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
     parser.add_argument("--append", action="store_true", help="keep the rows already in the output files")
     parser.add_argument("--finer", type=int, default=0,
                         help="budget rows: a layer over the budget may halve its V this many times (LutConfig.finer)")
     args = parser.parse_args(argv)
-    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss)] if args.learn else [])
+    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
+                                          train_weights=args.learn_weights)] if args.learn else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "lut_accuracy.json"

@@ -72,11 +72,15 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
     plans = plan(imported, cfg, target)
     chosen = [p for p in plans if p.replaced]
     train_ids, held_ids = split_holdout(samples, cfg.holdout, cfg.seed)
+    fit_ids, val_ids = train_ids, train_ids
+    if cfg.budget is not None:  # a quarter validates the layer choice: unseen by k-means and learning
+        fit, val = split_holdout([samples[i] for i in train_ids], 0.25, cfg.seed + 2)
+        fit_ids, val_ids = [train_ids[i] for i in fit], [train_ids[i] for i in val]
     rows = rows_per_layer(chosen, cfg.max_rows, cfg.memory_mb)
     layers, refined = [], None
     if chosen:
         held_rows = max(1, round(rows * cfg.holdout)) if held_ids != train_ids else rows
-        sets = ([samples[i] for i in train_ids], rows), ([samples[i] for i in held_ids], held_rows)
+        sets = ([samples[i] for i in fit_ids], rows), ([samples[i] for i in held_ids], held_rows)
         held: dict[tuple[str, int], np.ndarray] = {}  # (call var, V) -> held-out sub-vectors
         variants = [[layer] for layer in _codebooks(imported, chosen, sets, held, cfg, progress)]
         finer = chosen
@@ -88,7 +92,7 @@ def apply_lut(imported: ImportedModel, cfg: LutConfig, calibration: CalibrationS
             for v in variants:
                 if v[0].plan.candidate.var in by_var:
                     v.append(by_var[v[0].plan.candidate.var])
-        layers, refined = _refine(imported, variants, samples, train_ids, labels, cfg, progress)
+        layers, refined = _refine(imported, variants, samples, (fit_ids, val_ids), labels, cfg, progress)
         final = {layer.plan.candidate.var: layer.plan for layer in layers}
         plans = [final.get(p.candidate.var, p) for p in plans]
         for layer in layers:
@@ -112,25 +116,22 @@ def _codebooks(imported: ImportedModel, plans: list[LayerPlan], sets: tuple, hel
     return layers
 
 
-def _refine(imported: ImportedModel, variants: list[list[LutLayer]], samples: list[Feeds], train_ids: list[int],
-            labels: np.ndarray | None, cfg: LutConfig, progress: bool) -> tuple[list[LutLayer], dict | None]:
+def _refine(imported: ImportedModel, variants: list[list[LutLayer]], samples: list[Feeds],
+            split: tuple[list[int], list[int]], labels: np.ndarray | None, cfg: LutConfig,
+            progress: bool) -> tuple[list[LutLayer], dict | None]:
     """Learn the centroids (cfg.learn) and/or keep the layers within cfg.budget.
 
     variants: per layer, its LutLayer at V, then at finer V (`LutConfig.finer`); the budget's
-    choice picks one of them or dense. With a budget, a quarter of the training samples (at
-    least one) validates the choice and the rest train; the report's held-out samples stay unseen. Learning runs on all
-    candidate layers (at their V) before the choice (at most half of `cfg.learn.minutes`), and
-    again on the kept ones after it (what is left of the minutes; kept if no worse on validation).
+    choice picks one of them or dense. split: (fit, validation) sample ids; the fit samples
+    train, the validation ones (the same ids without a budget) check the choice; the report's
+    held-out samples stay unseen. Learning runs on all candidate layers (at their V) before the
+    choice (at most half of `cfg.learn.minutes`), and again on the kept ones after it (what is
+    left of the minutes; kept if no worse on validation).
     """
     layers = [v[0] for v in variants]
     if cfg.budget is None and cfg.learn is None:
         return layers, None
-    fit_ids, val_ids = train_ids, train_ids
-    if cfg.budget is not None and len(train_ids) > 1:
-        order = np.random.default_rng(cfg.seed + 2).permutation(train_ids)
-        val_ids = sorted(order[: max(1, len(train_ids) // 4)].tolist())
-        fit_ids = sorted(order[len(val_ids):].tolist())
-
+    fit_ids, val_ids = split
     runs = []
 
     def learn(chosen: list[LutLayer], minutes: float) -> list[LutLayer]:
