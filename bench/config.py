@@ -105,6 +105,7 @@ class BenchConfig:
     trials_per_task: MetaSchedule trials per kernel, the same for ``tvm-tuned``
         and ``lutc``.
     learn_minutes: ``lutc-learned``'s centroid learning budget per case.
+    learn_finer: ``lutc-learned``'s ``LutConfig.finer`` (halvings of V before a layer stays dense).
     work_dir: compiled artifacts and tuning databases (databases are reused, so
         re-running does not retune).
     out_dir: where results.{json,md,png} go.
@@ -115,6 +116,7 @@ class BenchConfig:
     systems: tuple[str, ...] = DEFAULT_SYSTEMS
     trials_per_task: int = 16
     learn_minutes: float = 10.0
+    learn_finer: int = 0
     timing: TimingConfig = field(default_factory=TimingConfig)
     target: str = "host"
     cores: int = 1

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on one system's timed blocks per case; slower systems run fewer rounds (min 3)")
     parser.add_argument("--learn-minutes", type=float, default=None, metavar="M",
                         help="centroid learning budget of lutc-learned per case (default 10)")
+    parser.add_argument("--learn-finer", type=int, default=0, metavar="N",
+                        help="lutc-learned: times a layer may halve its V before it stays dense (default 0)")
     parser.add_argument("--target", default="host", help='"host", an LLVM CPU name, or a JSON target dict')
     parser.add_argument("--work-dir", default=".lutc/bench", help="artifacts and tuning databases (reused)")
     parser.add_argument("--out", default="bench/results", help="results.json, results.md, results.png go here")
@@ -68,8 +70,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     trials = args.trials if args.trials is not None else quick.get("trials", 16)
     repeat = args.repeat if args.repeat is not None else quick.get("repeat", 10)
     learn_minutes = args.learn_minutes if args.learn_minutes is not None else quick.get("learn_minutes", 10.0)
-    if trials < 0 or repeat < 1 or args.block_seconds <= 0 or args.seq < 1 or learn_minutes <= 0:
-        raise UsageError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1, --learn-minutes > 0")
+    if trials < 0 or repeat < 1 or args.block_seconds <= 0 or args.seq < 1 or learn_minutes <= 0 \
+            or args.learn_finer < 0:
+        raise UsageError("--trials must be >= 0, --repeat >= 1, --block-seconds > 0, --seq >= 1, --learn-minutes > 0, "
+                         "--learn-finer >= 0")
     from .. import zoo
 
     unknown = sorted(m for m in models if m not in zoo.MODELS and not Path(m).is_file())
@@ -83,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         systems=tuple(s for s in SYSTEMS if s in args.systems),
         trials_per_task=trials,
         learn_minutes=learn_minutes,
+        learn_finer=args.learn_finer,
         timing=TimingConfig(rounds=repeat, block_seconds=args.block_seconds,
                             max_system_seconds=args.max_system_seconds),
         target=args.target,

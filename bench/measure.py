@@ -61,6 +61,7 @@ def bench_case(case: Case, cfg: BenchConfig, log: Log, debug: bool = False) -> l
             target=cfg.target,
             trials_per_task=cfg.trials_per_task,
             learn_minutes=cfg.learn_minutes,
+            learn_finer=cfg.learn_finer,
             artifact_dir=str((case_dir / system).resolve()),
             tuning_dir=tuning_dir(cfg, case, system),
             cores=cfg.cores,

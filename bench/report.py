@@ -187,7 +187,8 @@ def plan_summary(plan: dict) -> str:
     if "flops_replaced" in plan:
         b = plan["budget"]
         runs = " + ".join(f"{r['epochs']} epochs on {r['layers']} layers in {r['seconds']:.0f} s" for r in plan["learn"])
-        return (f"{plan['replaced']}/{plan['candidates']} layers lookup-add ({plan['flops_replaced']:.0%} of FLOPs); "
+        finer = f", {len(b['finer'])} of them at a finer V" if b.get("finer") else ""
+        return (f"{plan['replaced']}/{plan['candidates']} layers lookup-add{finer} ({plan['flops_replaced']:.0%} of FLOPs); "
                 f"validation {b['metric']} fp32 {b['fp32']:.4f}, chosen {b['chosen']:.4f}; learned: {runs}")
 
     counts = Counter(layer["choice"] for layer in plan["layers"])

@@ -71,6 +71,7 @@ class BuildSpec:
     cores: int
     calibration_labels: str | None = None  # .npy int64 labels of the calibration samples
     learn_minutes: float = 10.0  # lutc-learned's centroid learning budget
+    learn_finer: int = 0  # lutc-learned's LutConfig.finer
     seed: int = 0
     progress: bool = True
 
@@ -282,7 +283,8 @@ def _lut_config(spec: BuildSpec, labelled: bool):
     if spec.system == "lutc-lut":
         return LutConfig()
     if spec.system == "lutc-learned":
-        return LutConfig(learn=LearnConfig(minutes=spec.learn_minutes), budget=bench_budget(labelled))
+        return LutConfig(learn=LearnConfig(minutes=spec.learn_minutes), budget=bench_budget(labelled),
+                         finer=spec.learn_finer)
     return None
 
 

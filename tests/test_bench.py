@@ -25,7 +25,7 @@ def _lutc() -> list[str]:
 @pytest.mark.tuning
 def test_quick_bench(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    done = subprocess.run([*_lutc(), "--quiet", "bench", "--quick", "--systems", ",".join(sorted(SYSTEMS)), "--out", str(out), "--work-dir", str(work)],
+    done = subprocess.run([*_lutc(), "--quiet", "bench", "--quick", "--systems", ",".join(sorted(SYSTEMS)), "--learn-finer", "1", "--out", str(out), "--work-dir", str(work)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -53,7 +53,7 @@ def test_quick_bench(tmp_path):
     assert learned["budget"]["fp32"] - learned["budget"]["chosen"] <= 0.01 and learned["learn"][0]["epochs"] >= 1
     tuned = {r["system"]: r for r in rows if r["system"] in {"tvm-tuned", "lutc"} | LOSSY}
     assert all(r["tune_s"] > 0 and r["tuning"]["trials_per_task"] == 2 for r in tuned.values())
-    assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2
+    assert results["config"]["quick"] and results["config"]["trials_per_task"] == 2 and results["config"]["learn_finer"] == 1
     assert results["machine"]["cores"] >= 1 and results["machine"]["mcpu"]
     assert {"apache-tvm", "onnxruntime", "lut-compiler"} <= set(results["versions"])
 
