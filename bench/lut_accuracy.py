@@ -44,7 +44,8 @@ def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None, finer: int = 0) -> dict:
+def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None, finer: int = 0,
+            linear_subspace: int = 4) -> dict:
     _, count, holdout = GRID[model]
     feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
@@ -52,14 +53,15 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     if layers == "budget":
         budget = bench_budget(labels is not None)
     lut = lut_compiler.LutConfig(layers="all" if budget else layers, table_dtype=table_dtype, learn=learn,
-                                 budget=budget, finer=finer, holdout=holdout)
+                                 budget=budget, finer=finer, holdout=holdout,
+                                 linear_subspace=linear_subspace)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)
     start = time.perf_counter()
     compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": f"{layers} finer:{finer}" if budget and finer else layers, "table_dtype": table_dtype, "codebooks": _codebooks(learn),
+        "model": model, "layers": _label(layers, finer if budget else 0, linear_subspace), "table_dtype": table_dtype, "codebooks": _codebooks(learn),
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
@@ -73,6 +75,11 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     if "accuracy" in report:
         row.update(fp32_accuracy=report["accuracy"]["fp32"], lut_accuracy=report["accuracy"]["lut"])
     return row
+
+
+def _label(layers: str, finer: int, linear_subspace: int) -> str:
+    """The selection as the table shows it, with the options that change it."""
+    return layers + (f" finer:{finer}" if finer else "") + (f" V:{linear_subspace}" if linear_subspace != 4 else "")
 
 
 def _codebooks(learn: lut_compiler.LearnConfig | None) -> str:
@@ -89,7 +96,8 @@ def markdown(rows: list[dict]) -> str:
         acc = (f"{r['fp32_accuracy']:.1%}", f"{r['lut_accuracy']:.1%}") if "lut_accuracy" in r else ("-", "-")
         agree = f"{r['top1_agreement']:.1%}" if r["top1_agreement"] is not None else "-"
         learned = f"{r['learn_seconds']:.0f} ({'+'.join(map(str, r['learn_epochs']))})" if r.get("learn_epochs") else "-"
-        lines.append(f"| {r['model']} | {r['layers']} | {r.get('codebooks', 'k-means')} | {r['replaced']}/{r['layers_total']} | "
+        layers = r["layers"].replace("|", "\\|")  # a regex selection inside a table cell
+        lines.append(f"| {r['model']} | {layers} | {r.get('codebooks', 'k-means')} | {r['replaced']}/{r['layers_total']} | "
                      f"{r['flops_replaced']:.0%} | "
                      f"{r['held_out_samples']} | {acc[0]} | {acc[1]} | {agree} | {r['cosine']:.4f} | {r['sqnr_db']:.1f} | "
                      f"{learned} | {r['lut_seconds']:.0f} |")
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows already in the output files")
     parser.add_argument("--finer", type=int, default=0,
                         help="budget rows: a layer over the budget may halve its V this many times (LutConfig.finer)")
+    parser.add_argument("--linear-subspace", type=int, default=4,
+                        help="V of matmul/Gemm layers (LutConfig.linear_subspace; convs keep theirs)")
     args = parser.parse_args(argv)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
                                           train_weights=args.learn_weights)] if args.learn else [])
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
-                rows.append(measure(model, layers, args.tables, learn, args.finer))
+                rows.append(measure(model, layers, args.tables, learn, args.finer, args.linear_subspace))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 # after every row: an interrupted run keeps what it measured
                 saved.write_text(json.dumps(rows, indent=1))
