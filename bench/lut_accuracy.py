@@ -16,6 +16,7 @@ held-out accuracy of fp32 vs lookup-add (digits) or cosine of sentence embedding
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,24 +45,23 @@ def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.LearnConfig | None, finer: int = 0,
-            linear_subspace: int = 4) -> dict:
+def measure(model: str, layers: str, base: lut_compiler.LutConfig) -> dict:
+    """One row: `base` (tables, learning, V, finer) with this model's samples and selection."""
     _, count, holdout = GRID[model]
     feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
     budget = None
     if layers == "budget":
         budget = bench_budget(labels is not None)
-    lut = lut_compiler.LutConfig(layers="all" if budget else layers, table_dtype=table_dtype, learn=learn,
-                                 budget=budget, finer=finer, holdout=holdout,
-                                 linear_subspace=linear_subspace)
+    lut = dataclasses.replace(base, layers="all" if budget else layers, budget=budget, holdout=holdout,
+                              finer=base.finer if budget else 0)
     config = lut_compiler.CompileConfig(input_shapes=shapes, lut=lut)
     start = time.perf_counter()
     compiled = lut_compiler.compile(zoo.get_model(model), config, progress=False, calibration=feeds, labels=labels)
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": _label(layers, finer if budget else 0, linear_subspace), "table_dtype": table_dtype, "codebooks": _codebooks(learn),
+        "model": model, "layers": _label(layers, lut), "table_dtype": lut.table_dtype, "codebooks": _codebooks(lut.learn),
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
@@ -77,9 +77,11 @@ def measure(model: str, layers: str, table_dtype: str, learn: lut_compiler.Learn
     return row
 
 
-def _label(layers: str, finer: int, linear_subspace: int) -> str:
-    """The selection as the table shows it, with the options that change it."""
-    return layers + (f" finer:{finer}" if finer else "") + (f" V:{linear_subspace}" if linear_subspace != 4 else "")
+def _label(layers: str, lut: lut_compiler.LutConfig) -> str:
+    """The selection as the table shows it, with the options that change it from the defaults."""
+    default = lut_compiler.LutConfig()
+    return (layers + (f" finer:{lut.finer}" if lut.finer else "")
+            + (f" V:{lut.linear_subspace}" if lut.linear_subspace != default.linear_subspace else ""))
 
 
 def _codebooks(learn: lut_compiler.LearnConfig | None) -> str:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--append", action="store_true", help="keep the rows already in the output files")
     parser.add_argument("--finer", type=int, default=0,
                         help="budget rows: a layer over the budget may halve its V this many times (LutConfig.finer)")
-    parser.add_argument("--linear-subspace", type=int, default=4,
+    parser.add_argument("--linear-subspace", type=int, default=lut_compiler.LutConfig().linear_subspace,
                         help="V of matmul/Gemm layers (LutConfig.linear_subspace; convs keep theirs)")
     args = parser.parse_args(argv)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     for model in args.models:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
-                rows.append(measure(model, layers, args.tables, learn, args.finer, args.linear_subspace))
+                base = lut_compiler.LutConfig(table_dtype=args.tables, learn=learn, finer=args.finer,
+                                              linear_subspace=args.linear_subspace)
+                rows.append(measure(model, layers, base))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 # after every row: an interrupted run keeps what it measured
                 saved.write_text(json.dumps(rows, indent=1))
