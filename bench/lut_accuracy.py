@@ -45,9 +45,11 @@ def real_samples(model: str, count: int) -> tuple[dict, np.ndarray | None]:
     return {k: v[:count] for k, v in feeds.items()}, labels[:count]
 
 
-def measure(model: str, layers: str, base: lut_compiler.LutConfig) -> dict:
-    """One row: `base` (tables, learning, V, finer) with this model's samples and selection."""
+def measure(model: str, layers: str, base: lut_compiler.LutConfig, samples: int | None = None) -> dict:
+    """One row: `base` (tables, learning, V, finer) with this model's samples (or the first
+    `samples` of them) and selection."""
     _, count, holdout = GRID[model]
+    count = samples or count
     feeds, labels = real_samples(model, count)
     shapes = {k: (1, *v.shape[1:]) for k, v in feeds.items()}
     budget = None
@@ -81,7 +83,9 @@ def _label(layers: str, lut: lut_compiler.LutConfig) -> str:
     """The selection as the table shows it, with the options that change it from the defaults."""
     default = lut_compiler.LutConfig()
     return (layers + (f" finer:{lut.finer}" if lut.finer else "")
-            + (f" V:{lut.linear_subspace}" if lut.linear_subspace != default.linear_subspace else ""))
+            + (f" V:{lut.linear_subspace}" if lut.linear_subspace != default.linear_subspace else "")
+            + (f" fit:{lut.table_fit:g}" if lut.table_fit != default.table_fit and lut.table_fit else "")
+            + (" no fit" if lut.table_fit is None and default.table_fit else ""))
 
 
 def _codebooks(learn: lut_compiler.LearnConfig | None) -> str:
@@ -123,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="budget rows: a layer over the budget may halve its V this many times (LutConfig.finer)")
     parser.add_argument("--linear-subspace", type=int, default=lut_compiler.LutConfig().linear_subspace,
                         help="V of matmul/Gemm layers (LutConfig.linear_subspace; convs keep theirs)")
+    parser.add_argument("--samples", type=int, help="samples per model instead of the grid's (the same share held out)")
+    parser.add_argument("--table-fit", type=float, default=lut_compiler.LutConfig().table_fit,
+                        help="ridge of the least-squares table correction (LutConfig.table_fit; 0: none)")
     args = parser.parse_args(argv)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
                                           train_weights=args.learn_weights)] if args.learn else [])
@@ -134,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
                 base = lut_compiler.LutConfig(table_dtype=args.tables, learn=learn, finer=args.finer,
-                                              linear_subspace=args.linear_subspace)
-                rows.append(measure(model, layers, base))
+                                              linear_subspace=args.linear_subspace, table_fit=args.table_fit or None)
+                rows.append(measure(model, layers, base, args.samples))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 # after every row: an interrupted run keeps what it measured
                 saved.write_text(json.dumps(rows, indent=1))

@@ -199,8 +199,7 @@ def _options(imported: ImportedModel, cfg: AutoConfig, target: tvm.target.Target
             rows = rows_per_layer(plans, lut_cfg.max_rows, lut_cfg.memory_mb)
             fit = capture(imported.onnx_model, [samples[i] for i in fit_ids], plans, rows, lut_cfg.seed, progress)
             val = capture(imported.onnx_model, [samples[i] for i in val_ids], plans, rows, lut_cfg.seed + 1, progress)
-            luts = [learn_layer(p, fit[p.candidate.var], val[p.candidate.var], lut_cfg.table_dtype, lut_cfg.seed,
-                                lut_cfg.kmeans_iters)
+            luts = [learn_layer(p, fit[p.candidate.var], val[p.candidate.var], lut_cfg)
                     for p in tqdm(plans, desc="codebooks", unit="layer", disable=not progress, leave=False)]
             if lut_cfg.learn is not None:
                 luts, _ = learn_centroids(imported.onnx_model, luts, [samples[i] for i in fit_ids], lut_cfg.learn,

@@ -93,6 +93,9 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
     g.add_argument("--lut-centroids", type=int, default=16, metavar="K", help="centroids per sub-space")
     g.add_argument("--lut-v", type=int, default=4, metavar="V", help="sub-space length of matmul/Gemm layers")
     g.add_argument("--lut-tables", choices=["int8", "float32"], default="int8", help="table precision")
+    g.add_argument("--lut-table-fit", type=float, default=0.05, metavar="RIDGE",
+                   help="fit the tables to the layer outputs by ridge least squares, shrunk toward "
+                        "centroids x weights by RIDGE x table entries (default 0.05; 0: no fit)")
     g.add_argument("--lut-kernel", choices=["auto", "shuffle", "generic"], default="auto",
                    help="lookup-add kernel of matmul layers: VPSHUFB (AVX2/AVX-512BW) or generic (default auto)")
     g.add_argument("--lut-override", action="append", type=parse_override, default=[], metavar="REGEX=V[:K]",
@@ -190,7 +193,8 @@ def _lut_config(args, budget: bool = True):
             learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
                                 layer_loss=args.lut_learn_layer_loss, checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
-                         table_dtype=args.lut_tables, overrides=dict(args.lut_override),
+                         table_dtype=args.lut_tables, table_fit=args.lut_table_fit or None,
+                         overrides=dict(args.lut_override),
                          task=getattr(args, "lut_task", "auto"), kernel=args.lut_kernel, learn=learn,
                          budget=_budget(args) if budget else None, finer=getattr(args, "lut_finer", 0))
     except ValueError as err:

@@ -1,12 +1,16 @@
 """Product-quantization codebooks and lookup tables for one layer (LUT-NN, MADDNESS).
 
     sub-vectors [rows, C, V] --k-means per sub-space--> centroids P [C, K, V]
-    tables T[c, k, n] = P[c, k] . W[cV:(c+1)V, n]                      float32 [C, K, N]
+    tables T[c, k, n] = P[c, k] . W[cV:(c+1)V, n] (+ F[c, k, n])        float32 [C, K, N]
     int8: s[n] = max_{c,k} |T[c, k, n]| / 127, T_q = round(T / s)       int8 [C, K, N]
     layer output Y[m, n] = s[n] * sum_c T_q[c, code[m, c], n] + b[n]    (s = 1 for float32 tables)
 
 k-means is scikit-learn's, seeded per sub-space and run on one thread, so codebooks are
-the same on every machine.
+the same on every machine. With `LutConfig.table_fit`, the tables get a least-squares
+correction F (MADDNESS fits its tables to the layer outputs the same way): with A the
+one-hot codes [rows, C*K] of the training rows and Y their exact outputs,
+F = argmin |Y - A (P.W + F)|^2 + lam |F|^2, lam = table_fit * C * K (ridge toward P.W),
+so each table entry also absorbs the error its codes make in the other sub-spaces.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
+from .config import LutConfig
 from .passes.lut_plan import LayerPlan
 from .schedules.lut_encode_linear import encode_linear_ref
 from .schedules.lut_lookup_linear import lookup_add_linear_ref
@@ -27,7 +32,8 @@ from .schedules.lut_lookup_linear import lookup_add_linear_ref
 @dataclass
 class LutLayer:
     """What replaces one layer: centroids f32 [C, K, V], tables int8|f32 [C, K, N],
-    per-column scale f32 [N], bias f32 [N]; snr_db of its output on held-out rows."""
+    per-column scale f32 [N], bias f32 [N]; snr_db of its output on held-out rows;
+    correction f32 [C, K, N]: the fitted part F of the float tables P.W + F (None: no fit)."""
 
     plan: LayerPlan
     centroids: np.ndarray = field(repr=False)
@@ -35,6 +41,7 @@ class LutLayer:
     scale: np.ndarray = field(repr=False)
     bias: np.ndarray = field(repr=False)
     snr_db: float | None = None
+    correction: np.ndarray | None = field(default=None, repr=False)
 
     def forward(self, sub: np.ndarray) -> np.ndarray:
         """NumPy reference of encode + lookup-add: sub-vectors [rows, C, V] -> float32 [rows, N]."""
@@ -63,6 +70,25 @@ def make_tables(centroids: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return np.einsum("ckv,cvn->ckn", centroids, weight.reshape(c, v, -1), optimize=True).astype(np.float32)
 
 
+def fit_correction(tables: np.ndarray, codes: np.ndarray, outputs: np.ndarray, ridge: float) -> np.ndarray:
+    """F float32 [C, K, N] minimizing |Y - A (T + F)|^2 + lam |F|^2 (lam = ridge * C * K) for
+    float tables T [C, K, N], codes uint8 [rows, C] (A: their one-hot [rows, C*K]) and exact
+    outputs Y [rows, N]. Solved in the smaller of the two normal-equation forms (C*K or rows)."""
+    c, k, n = tables.shape
+    rows = len(codes)
+    onehot = np.zeros((rows, c * k), np.float64)
+    onehot[np.arange(rows)[:, None], codes.astype(np.int64) + np.arange(c) * k] = 1.0
+    residual = outputs.astype(np.float64) - onehot @ tables.reshape(c * k, n)
+    lam = ridge * c * k
+    if c * k <= rows:
+        gram = onehot.T @ onehot + lam * np.eye(c * k)
+        fit = np.linalg.solve(gram, onehot.T @ residual)
+    else:
+        gram = onehot @ onehot.T + lam * np.eye(rows)
+        fit = onehot.T @ np.linalg.solve(gram, residual)
+    return fit.reshape(c, k, n).astype(np.float32)
+
+
 def quantize_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(int8 [C, K, N], scale f32 [N]) with symmetric per-column scales; |T_q| <= 127."""
     peak = np.abs(tables).max(axis=(0, 1))
@@ -77,18 +103,26 @@ def snr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10.0 * np.log10(max(signal, 1e-30) / noise)
 
 
-def learn_layer(plan: LayerPlan, train: np.ndarray, held: np.ndarray, table_dtype: str, seed: int,
-                iters: int) -> LutLayer:
-    """Codebooks from ``train`` sub-vectors [rows, C, V]; SNR measured on ``held`` ones."""
+def learn_layer(plan: LayerPlan, train: np.ndarray, held: np.ndarray, cfg: LutConfig) -> LutLayer:
+    """Codebooks (and with `cfg.table_fit` the table correction) from ``train`` sub-vectors
+    [rows, C, V]; SNR measured on ``held`` ones."""
     candidate = plan.candidate
     with threadpool_limits(1):
-        centroids = np.stack([kmeans(train[:, c], plan.centroids, seed + c, iters) for c in range(plan.codebooks)])
-    tables = make_tables(centroids, plan.rule.weight_matrix(candidate))
-    if table_dtype == "int8":
+        centroids = np.stack([kmeans(train[:, c], plan.centroids, cfg.seed + c, cfg.kmeans_iters)
+                              for c in range(plan.codebooks)])
+    weight = plan.rule.weight_matrix(candidate)
+    tables = make_tables(centroids, weight)
+    correction = None
+    if cfg.table_fit is not None:
+        rows = train.reshape(len(train), -1)
+        codes = encode_linear_ref(rows, centroids)
+        correction = fit_correction(tables, codes, rows @ weight, cfg.table_fit)
+        tables = tables + correction
+    if cfg.table_dtype == "int8":
         tables, scale = quantize_tables(tables)
     else:
         scale = np.ones(tables.shape[-1], np.float32)
     bias = candidate.bias if candidate.bias is not None else np.zeros(tables.shape[-1], np.float32)
-    layer = LutLayer(plan, centroids, tables, scale, bias.astype(np.float32))
+    layer = LutLayer(plan, centroids, tables, scale, bias.astype(np.float32), correction=correction)
     layer.snr_db = round(snr_db(layer.dense(held), layer.forward(held)), 2)
     return layer

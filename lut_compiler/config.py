@@ -140,6 +140,10 @@ class LutConfig:
     spatial_channels: input channels per sub-space of a kh x kw conv (V = channels * kh * kw).
     overrides: layer-name regex -> LayerOverride; the first match wins.
     table_dtype: "int8" (per-output-column scale, int32 accumulation) or "float32" (debugging).
+    table_fit: ridge weight of the least-squares table correction (`codebooks.fit_correction`:
+        tables fitted to the layer's exact outputs on the calibration rows, shrunk toward
+        centroids x weights by table_fit x C x K: more table entries, more shrinkage);
+        None: tables = centroids x weights.
     max_rows: calibration rows kept per layer (4096 = 256 per centroid at K = 16, what faiss
         samples by default); memory_mb caps all layers' rows together.
     holdout: share of calibration samples kept out of k-means for the accuracy report.
@@ -164,6 +168,7 @@ class LutConfig:
     spatial_channels: int = 1
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     table_dtype: str = "int8"
+    table_fit: float | None = 0.05
     max_rows: int = 4096
     memory_mb: int = 512
     holdout: float = 0.2
@@ -194,6 +199,8 @@ class LutConfig:
         sizes += [o.subspace_len for o in self.overrides.values() if o.subspace_len is not None]
         if min(sizes) < 1:
             raise ValueError(f"sub-space sizes must be >= 1, got {sizes}")
+        if self.table_fit is not None and self.table_fit <= 0:
+            raise ValueError(f"table_fit must be > 0 (or None: no fit), got {self.table_fit}")
         if self.finer < 0:
             raise ValueError(f"finer must be >= 0, got {self.finer}")
         if not 0.0 <= self.holdout < 1.0:

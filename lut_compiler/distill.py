@@ -33,7 +33,8 @@ def pq_module(layer: LutLayer, train_weights: bool = False) -> torch.nn.Module:
     """The PQ module that replaces `layer`'s ONNX node (no bias: the graph adds it)."""
     plan = layer.plan
     candidate = plan.candidate
-    pq = PQLayer(layer.centroids, plan.rule.weight_matrix(candidate), str(layer.tables.dtype), train_weights)
+    pq = PQLayer(layer.centroids, plan.rule.weight_matrix(candidate), str(layer.tables.dtype), train_weights,
+                 layer.correction)
     if candidate.conv is None:
         return PQLinear(pq)
     a = candidate.conv

@@ -111,7 +111,7 @@ def _codebooks(imported: ImportedModel, plans: list[LayerPlan], sets: tuple, hel
     layers = []
     for p in tqdm(plans, desc="codebooks", unit="layer", disable=not progress, leave=False):
         var = p.candidate.var
-        layers.append(learn_layer(p, train[var], held_sub[var], cfg.table_dtype, cfg.seed, cfg.kmeans_iters))
+        layers.append(learn_layer(p, train[var], held_sub[var], cfg))
         held[var, p.subspace_len] = held_sub[var]
     return layers
 

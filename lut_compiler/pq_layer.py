@@ -6,7 +6,7 @@ and the layer's weight W [C*V, N]:
     dist[r, c, k] = ||P[c, k]||^2 - 2 x[r, c] . P[c, k]      (what the encode kernel compares)
     forward:  one-hot of argmin_k dist (first k on ties)     = what the compiled model computes
     backward: gradient of softmax(-dist * t), t = softplus(theta) + 1 (straight-through)
-    tables T = P . W [C, K, N], fake-quantized per column to int8 like `codebooks.quantize_tables`
+    tables T = P . W (+ F, a fixed fitted correction) [C, K, N], fake-quantized per column to int8 like `codebooks.quantize_tables`
         (s[n] = max |T[:, :, n]| / 127, T_q = clip(round(T / s), -127, 127); the rounding is
         straight-through)
     y[r, n] = s[n] * sum_c T_q[c, code[r, c], n]                (no bias: the graph adds it)
@@ -29,11 +29,12 @@ class PQLayer(nn.Module):
     """Sub-vectors float32 [R, C, V] -> float32 [R, N]: argmin codes, table lookups, sums.
 
     centroids [C, K, V] (trainable), weight [C*V, N] (a buffer unless `train_weight`),
-    table_dtype "int8" (fake-quantized tables) or "float32".
+    table_dtype "int8" (fake-quantized tables) or "float32", correction [C, K, N] (a buffer
+    added to P . W: `codebooks.fit_correction`; None: zeros).
     """
 
     def __init__(self, centroids: np.ndarray, weight: np.ndarray, table_dtype: str = "int8",
-                 train_weight: bool = False) -> None:
+                 train_weight: bool = False, correction: np.ndarray | None = None) -> None:
         super().__init__()
         c, k, v = centroids.shape
         if weight.shape[0] != c * v:
@@ -44,6 +45,9 @@ class PQLayer(nn.Module):
             self.weight = nn.Parameter(w)
         else:
             self.register_buffer("weight", w)
+        if correction is None:
+            correction = np.zeros((c, k, w.shape[-1]), np.float32)
+        self.register_buffer("correction", torch.from_numpy(np.array(correction, np.float32)))
         # t = softplus(theta) + 1 starts at 2
         self.theta = nn.Parameter(torch.tensor(float(np.log(np.e - 1.0))))
         self.table_dtype = table_dtype
@@ -67,7 +71,7 @@ class PQLayer(nn.Module):
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T_q [C, K, N], scale [N]): int8 values as float (straight-through rounding), or
         the float tables with scale 1."""
-        tables = torch.einsum("ckv,cvn->ckn", self.centroids, self.weight)
+        tables = torch.einsum("ckv,cvn->ckn", self.centroids, self.weight) + self.correction
         if self.table_dtype == "float32":
             return tables, torch.ones(tables.shape[-1], dtype=tables.dtype, device=tables.device)
         peak = tables.detach().abs().amax(dim=(0, 1))
