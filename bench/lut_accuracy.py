@@ -63,7 +63,7 @@ def measure(model: str, layers: str, base: lut_compiler.LutConfig, samples: int 
     report = compiled.record["lut"]
     out = report["outputs"][0]
     row = {
-        "model": model, "layers": _label(layers, lut), "table_dtype": lut.table_dtype, "codebooks": _codebooks(lut.learn),
+        "model": model, "layers": _label(layers, lut), "table_dtype": lut.table_dtype, "codebooks": _codebooks(lut),
         "replaced": sum(r["replaced"] for r in report["layers"]), "layers_total": len(report["layers"]),
         "flops_replaced": report["flops_replaced"], "held_out_samples": report["held_out_samples"],
         "sqnr_db": out["sqnr_db"], "cosine": out["cosine"], "top1_agreement": out.get("top1_agreement"),
@@ -84,14 +84,14 @@ def _label(layers: str, lut: lut_compiler.LutConfig) -> str:
     default = lut_compiler.LutConfig()
     return (layers + (f" finer:{lut.finer}" if lut.finer else "")
             + (f" V:{lut.linear_subspace}" if lut.linear_subspace != default.linear_subspace else "")
-            + (f" fit:{lut.table_fit:g}" if lut.table_fit != default.table_fit and lut.table_fit else "")
-            + (" no fit" if lut.table_fit is None and default.table_fit else ""))
+            + (f" fit:{lut.table_fit:g}" if lut.table_fit not in (None, default.table_fit) else ""))
 
 
-def _codebooks(learn: lut_compiler.LearnConfig | None) -> str:
-    if learn is None:
-        return "k-means"
-    return "learned + weights" if learn.train_weights else "learned"
+def _codebooks(lut: lut_compiler.LutConfig) -> str:
+    """How the codebooks and tables were made: "k-means" or "learned" (+ weights) (+ fit)."""
+    learn = lut.learn
+    name = "k-means" if learn is None else "learned + weights" if learn.train_weights else "learned"
+    return name + (" + fit" if lut.table_fit is not None else "")
 
 
 def markdown(rows: list[dict]) -> str:

@@ -76,16 +76,16 @@ def fit_correction(tables: np.ndarray, codes: np.ndarray, outputs: np.ndarray, r
     outputs Y [rows, N]. Solved in the smaller of the two normal-equation forms (C*K or rows)."""
     c, k, n = tables.shape
     rows = len(codes)
-    onehot = np.zeros((rows, c * k), np.float64)
+    onehot = np.zeros((rows, c * k), np.float32)  # counts in float32 are exact up to 2^24
     onehot[np.arange(rows)[:, None], codes.astype(np.int64) + np.arange(c) * k] = 1.0
-    residual = outputs.astype(np.float64) - onehot @ tables.reshape(c * k, n)
+    residual = outputs.astype(np.float32) - onehot @ tables.reshape(c * k, n)
     lam = ridge * c * k
     if c * k <= rows:
-        gram = onehot.T @ onehot + lam * np.eye(c * k)
+        gram = (onehot.T @ onehot).astype(np.float64) + lam * np.eye(c * k)
         fit = np.linalg.solve(gram, onehot.T @ residual)
     else:
-        gram = onehot @ onehot.T + lam * np.eye(rows)
-        fit = onehot.T @ np.linalg.solve(gram, residual)
+        gram = (onehot @ onehot.T).astype(np.float64) + lam * np.eye(rows)
+        fit = onehot.T @ np.linalg.solve(gram, residual).astype(np.float32)
     return fit.reshape(c, k, n).astype(np.float32)
 
 
