@@ -134,8 +134,10 @@ def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:
 
 
 def _layer_names(layers: list[LutLayer]) -> list[str]:
-    """What a checkpoint must match: each layer's name and codebook shape."""
-    return [f"{layer.plan.candidate.name}:{'x'.join(map(str, layer.centroids.shape))}" for layer in layers]
+    """What a checkpoint must match: each layer's name, codebook shape and table correction."""
+    return [f"{layer.plan.candidate.name}:{'x'.join(map(str, layer.centroids.shape))}"
+            + ("" if layer.correction is None else f":fit {float(np.abs(layer.correction).sum()):.9g}")
+            for layer in layers]
 
 
 def _save(path: str | None, student: OnnxModule, optimizer, key: list[str], epoch: int) -> None:

@@ -29,8 +29,8 @@ class PQLayer(nn.Module):
     """Sub-vectors float32 [R, C, V] -> float32 [R, N]: argmin codes, table lookups, sums.
 
     centroids [C, K, V] (trainable), weight [C*V, N] (a buffer unless `train_weight`),
-    table_dtype "int8" (fake-quantized tables) or "float32", correction [C, K, N] (a buffer
-    added to P . W: `codebooks.fit_correction`; None: zeros).
+    table_dtype "int8" (fake-quantized tables) or "float32", correction [C, K, N] (a fixed
+    buffer added to P . W: `codebooks.fit_correction`; None: none).
     """
 
     def __init__(self, centroids: np.ndarray, weight: np.ndarray, table_dtype: str = "int8",
@@ -45,9 +45,8 @@ class PQLayer(nn.Module):
             self.weight = nn.Parameter(w)
         else:
             self.register_buffer("weight", w)
-        if correction is None:
-            correction = np.zeros((c, k, w.shape[-1]), np.float32)
-        self.register_buffer("correction", torch.from_numpy(np.array(correction, np.float32)))
+        fitted = None if correction is None else torch.from_numpy(np.array(correction, np.float32))
+        self.register_buffer("correction", fitted)  # None: not in the state dict
         # t = softplus(theta) + 1 starts at 2
         self.theta = nn.Parameter(torch.tensor(float(np.log(np.e - 1.0))))
         self.table_dtype = table_dtype
@@ -71,7 +70,9 @@ class PQLayer(nn.Module):
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(T_q [C, K, N], scale [N]): int8 values as float (straight-through rounding), or
         the float tables with scale 1."""
-        tables = torch.einsum("ckv,cvn->ckn", self.centroids, self.weight) + self.correction
+        tables = torch.einsum("ckv,cvn->ckn", self.centroids, self.weight)
+        if self.correction is not None:
+            tables = tables + self.correction
         if self.table_dtype == "float32":
             return tables, torch.ones(tables.shape[-1], dtype=tables.dtype, device=tables.device)
         peak = tables.detach().abs().amax(dim=(0, 1))

@@ -4,6 +4,7 @@ distillation reducing its loss, and the compiled model computing the trained for
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -174,6 +175,10 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
     result = _assert_compiled_is_the_view(model, path, cfg, feeds, seed=99)  # apply_lut resumes: no training
     assert [r["replaced"] for r in model.record["lut"]["layers"]].count(True) == 6
     assert model.record["lut"]["learn"][0]["epochs"] == 3 and result.refined["learn"][0]["resumed_from"] == 3
+    # the checkpoint holds fitted tables (the default): a run with plain tables starts anew
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, plain = apply_lut(imported, replace(cfg, table_fit=None), feeds, resolve_target("host"), progress=False)
+    assert plain.refined["learn"][0]["resumed_from"] == 0 and all(layer.correction is None for layer in plain.layers)
 
 
 # ---------------------------------------------------------------- layer choice under a budget
