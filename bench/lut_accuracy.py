@@ -84,7 +84,9 @@ def _label(layers: str, lut: lut_compiler.LutConfig) -> str:
     default = lut_compiler.LutConfig()
     return (layers + (f" finer:{lut.finer}" if lut.finer else "")
             + (f" V:{lut.linear_subspace}" if lut.linear_subspace != default.linear_subspace else "")
-            + (f" fit:{lut.table_fit:g}" if lut.table_fit not in (None, default.table_fit) else ""))
+            + (f" fit:{lut.table_fit:g}" if lut.table_fit not in (None, default.table_fit) else "")
+            + (f" K:{lut.centroids}" if lut.centroids != default.centroids else "")
+            + (f" rows:{lut.max_rows}" if lut.max_rows != default.max_rows else ""))
 
 
 def _codebooks(lut: lut_compiler.LutConfig) -> str:
@@ -130,7 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, help="samples per model instead of the grid's (the same share held out)")
     parser.add_argument("--table-fit", type=float, default=lut_compiler.LutConfig().table_fit,
                         help="ridge of the least-squares table correction (LutConfig.table_fit; 0: none)")
+    parser.add_argument("--centroids", type=int, default=lut_compiler.LutConfig().centroids,
+                        help="K, centroids per sub-space (LutConfig.centroids)")
+    parser.add_argument("--max-rows", type=int, default=lut_compiler.LutConfig().max_rows,
+                        help="calibration rows per layer for k-means and the fit (LutConfig.max_rows; "
+                             "memory_mb grows with it)")
     args = parser.parse_args(argv)
+    default = lut_compiler.LutConfig()
+    memory_mb = default.memory_mb * max(1, args.max_rows // default.max_rows)
     variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
                                           train_weights=args.learn_weights)] if args.learn else [])
     out = Path(args.out)
@@ -141,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         for layers in args.layers or GRID[model][0]:
             for learn in variants:
                 base = lut_compiler.LutConfig(table_dtype=args.tables, learn=learn, finer=args.finer,
-                                              linear_subspace=args.linear_subspace, table_fit=args.table_fit or None)
+                                              linear_subspace=args.linear_subspace, table_fit=args.table_fit or None,
+                                              centroids=args.centroids, max_rows=args.max_rows,
+                                              memory_mb=memory_mb)
                 rows.append(measure(model, layers, base, args.samples))
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                 # after every row: an interrupted run keeps what it measured
