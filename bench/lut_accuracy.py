@@ -90,9 +90,9 @@ def _label(layers: str, lut: lut_compiler.LutConfig) -> str:
 
 
 def _codebooks(lut: lut_compiler.LutConfig) -> str:
-    """How the codebooks and tables were made: "k-means" or "learned" (+ weights) (+ fit)."""
+    """How the codebooks and tables were made: "k-means" or "learned" (+ weights) (+ bias) (+ fit)."""
     learn = lut.learn
-    name = "k-means" if learn is None else "learned + weights" if learn.train_weights else "learned"
+    name = "k-means" if learn is None else "learned" + " + weights" * learn.train_weights + " + bias" * learn.train_bias
     return name + (" + fit" if lut.table_fit is not None else "")
 
 
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the replaced layers' own outputs in the learning loss")
     parser.add_argument("--learn-weights", action="store_true",
                         help="the replaced layers' weights train too (LearnConfig.train_weights)")
+    parser.add_argument("--learn-bias", action="store_true",
+                        help="a shift of each replaced layer's output trains too (LearnConfig.train_bias)")
     parser.add_argument("--layers", nargs="+", help="layer selections instead of the grid's")
     parser.add_argument("--append", action="store_true", help="keep the rows already in the output files")
     parser.add_argument("--finer", type=int, default=0,
@@ -140,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     default = lut_compiler.LutConfig()
     memory_mb = default.memory_mb * max(1, args.max_rows // default.max_rows)
-    variants = [None] + ([lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
-                                          train_weights=args.learn_weights)] if args.learn else [])
+    learn = lut_compiler.LearnConfig(minutes=args.learn_minutes, layer_loss=args.learn_layer_loss,
+                                     train_weights=args.learn_weights, train_bias=args.learn_bias)
+    variants = [None] + ([learn] if args.learn else [])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "lut_accuracy.json"

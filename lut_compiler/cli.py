@@ -78,6 +78,10 @@ def _add_lut_args(p: argparse.ArgumentParser, with_data: bool) -> None:
                        help="learning time budget (default 10)")
         g.add_argument("--lut-learn-layer-loss", type=float, default=0.0, metavar="W",
                        help="also match each replaced layer's output to fp32, with weight W (default 0)")
+        g.add_argument("--lut-learn-weights", action="store_true",
+                       help="the replaced layers' weights train too (default: only centroids and temperatures)")
+        g.add_argument("--lut-learn-bias", action="store_true",
+                       help="a shift of each replaced layer's output trains too (added to its bias)")
         g.add_argument("--lut-learn-checkpoint", metavar="FILE", help="save learning state here after each epoch, "
                        "and resume from it")
         budget = g.add_mutually_exclusive_group()
@@ -191,7 +195,8 @@ def _lut_config(args, budget: bool = True):
         learn = None
         if getattr(args, "lut_learn", False):
             learn = LearnConfig(epochs=args.lut_learn_epochs, minutes=args.lut_learn_minutes,
-                                layer_loss=args.lut_learn_layer_loss, checkpoint=args.lut_learn_checkpoint)
+                                layer_loss=args.lut_learn_layer_loss, train_weights=args.lut_learn_weights,
+                                train_bias=args.lut_learn_bias, checkpoint=args.lut_learn_checkpoint)
         return LutConfig(layers=args.lut_layers, centroids=args.lut_centroids, linear_subspace=args.lut_v,
                          table_dtype=args.lut_tables, table_fit=args.lut_table_fit or None,
                          overrides=dict(args.lut_override),

@@ -32,8 +32,10 @@ from .schedules.lut_lookup_linear import lookup_add_linear_ref
 @dataclass
 class LutLayer:
     """What replaces one layer: centroids f32 [C, K, V], tables int8|f32 [C, K, N],
-    per-column scale f32 [N], bias f32 [N]; snr_db of its output on held-out rows;
-    correction f32 [C, K, N]: the fitted part F of the float tables P.W + F (None: no fit)."""
+    per-column scale f32 [N], bias f32 [N] (the layer's own, plus a learned shift with
+    `LearnConfig.train_bias`); snr_db of its output on held-out rows; correction f32
+    [C, K, N]: the part F of the float tables P.W + F that is not centroids x weights (the
+    table fit, and the change of trained weights; None: neither)."""
 
     plan: LayerPlan
     centroids: np.ndarray = field(repr=False)
@@ -48,10 +50,16 @@ class LutLayer:
         codes = encode_linear_ref(sub.reshape(len(sub), -1), self.centroids)
         return lookup_add_linear_ref(codes, self.tables, self.scale, self.bias)
 
+    @property
+    def own_bias(self) -> np.ndarray:
+        """float32 [N]: the bias of the replaced ONNX node (zeros without one)."""
+        bias = self.plan.candidate.bias
+        return np.zeros_like(self.bias) if bias is None else bias.astype(np.float32)
+
     def dense(self, sub: np.ndarray) -> np.ndarray:
         """The exact layer on the same rows: float32 [rows, N]."""
         w = self.plan.rule.weight_matrix(self.plan.candidate)
-        return sub.reshape(len(sub), -1) @ w + self.bias
+        return sub.reshape(len(sub), -1) @ w + self.own_bias
 
 
 def kmeans(vectors: np.ndarray, k: int, seed: int, iters: int) -> np.ndarray:

@@ -92,6 +92,8 @@ class LearnConfig:
     batch: calibration samples per step.
     train_weights: let the replaced layers' weights train too (their tables follow);
         off by default: only centroids and temperatures move, the rest of the model is fixed.
+    train_bias: learn a shift of each replaced layer's output [N] too (added to its bias in
+        the compiled model); off by default.
     layer_loss: weight of the intermediate loss, the mean over replaced layers of the
         normalized MSE of each layer's output to the fp32 model's (0: model outputs only).
     checkpoint: file the training state is saved to after each epoch and resumed from.
@@ -102,6 +104,7 @@ class LearnConfig:
     lr: float = 1e-3
     batch: int = 8
     train_weights: bool = False
+    train_bias: bool = False
     layer_loss: float = 0.0
     checkpoint: str | None = None
 

@@ -6,7 +6,8 @@ The loss matches every float output, each normalized by its mean square:
 sum_o mean((student_o - teacher_o)^2) / mean(teacher_o^2), plus cross-entropy on the first
 output when labels are given, plus (`LearnConfig.layer_loss` > 0) that weight times the
 mean normalized MSE of the replaced layers' outputs. No other parameter moves unless
-`LearnConfig.train_weights`.
+`LearnConfig.train_weights` (the replaced layers' weights) or `LearnConfig.train_bias` (a
+shift of their outputs, added to their bias).
 Samples are run one at a time (their shapes are bound) and `batch` of them make one Adam
 step. Training stops after `epochs` or `minutes` (checked after every step), saves a
 checkpoint after every epoch and resumes from it.
@@ -29,21 +30,24 @@ from .pq_layer import PQConv2d, PQLayer, PQLinear
 from .torch_view import OnnxModule
 
 
-def pq_module(layer: LutLayer, train_weights: bool = False) -> torch.nn.Module:
-    """The PQ module that replaces `layer`'s ONNX node (no bias: the graph adds it)."""
+def pq_module(layer: LutLayer, train_weights: bool = False, train_bias: bool = False) -> torch.nn.Module:
+    """The PQ module that replaces `layer`'s ONNX node (its bias: the graph adds it)."""
     plan = layer.plan
     candidate = plan.candidate
+    shift = layer.bias - layer.own_bias  # learned with train_bias
     pq = PQLayer(layer.centroids, plan.rule.weight_matrix(candidate), str(layer.tables.dtype), train_weights,
-                 layer.correction)
+                 layer.correction, shift if train_bias or shift.any() else None, train_bias)
     if candidate.conv is None:
         return PQLinear(pq)
     a = candidate.conv
     return PQConv2d(pq, tuple(candidate.weight_shape[2:]), a.strides, a.padding, a.dilation)
 
 
-def student_view(onnx_model, layers: list[LutLayer], train_weights: bool = False) -> OnnxModule:
+def student_view(onnx_model, layers: list[LutLayer], train_weights: bool = False,
+                 train_bias: bool = False) -> OnnxModule:
     """The model with each layer's ONNX node computed by its PQ module."""
-    return OnnxModule(onnx_model, {layer.plan.candidate.name: pq_module(layer, train_weights) for layer in layers})
+    return OnnxModule(onnx_model, {layer.plan.candidate.name: pq_module(layer, train_weights, train_bias)
+                                   for layer in layers})
 
 
 def _tensors(feeds: Feeds) -> dict[str, torch.Tensor]:
@@ -68,10 +72,11 @@ def learn_centroids(onnx_model, layers: list[LutLayer], samples: list[Feeds], cf
                     progress: bool = True) -> tuple[list[LutLayer], dict]:
     """Refine `layers` (k-means) on `samples` (training feeds; labels int [S, batch]).
 
-    Returns new LutLayers (learned centroids, their tables and scales, same bias) and what
-    the training did (`distill`'s stats)."""
-    student = student_view(onnx_model, layers, cfg.train_weights)
-    stats = distill(onnx_model, student, samples, cfg, labels, seed, progress, _layer_names(layers), "learn centroids")
+    Returns new LutLayers (learned centroids, their tables and scales, bias + learned shift)
+    and what the training did (`distill`'s stats)."""
+    student = student_view(onnx_model, layers, cfg.train_weights, cfg.train_bias)
+    key = _layer_names(layers) + [f"train weights {cfg.train_weights}, bias {cfg.train_bias}"]
+    stats = distill(onnx_model, student, samples, cfg, labels, seed, progress, key, "learn centroids")
     learned = [_learned(layer, student.replaced[student.slots[layer.plan.candidate.name]].pq) for layer in layers]
     return learned, stats
 
@@ -129,14 +134,22 @@ def distill(onnx_model, student: OnnxModule, samples: list[Feeds], cfg: LearnCon
 
 
 def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:
-    centroids, tables, scale = pq.exported()
-    return replace(layer, centroids=centroids, tables=tables, scale=scale, snr_db=None)
+    centroids, tables, scale, shift = pq.exported()
+    correction = layer.correction
+    if isinstance(pq.weight, torch.nn.Parameter):  # trained weights: their share of the tables, P . (W' - W),
+        original = torch.from_numpy(np.array(layer.plan.rule.weight_matrix(layer.plan.candidate), np.float32))
+        with torch.no_grad():  # joins the correction, so that views made of the layer compute these tables
+            moved = torch.einsum("ckv,cvn->ckn", pq.centroids, pq.weight - original.reshape(pq.weight.shape)).numpy()
+        correction = moved if correction is None else correction + moved
+    return replace(layer, centroids=centroids, tables=tables, scale=scale, bias=layer.own_bias + shift,
+                   correction=correction, snr_db=None)
 
 
 def _layer_names(layers: list[LutLayer]) -> list[str]:
-    """What a checkpoint must match: each layer's name, codebook shape and table correction."""
+    """What a checkpoint must match: each layer's name, codebook shape, table correction and bias."""
     return [f"{layer.plan.candidate.name}:{'x'.join(map(str, layer.centroids.shape))}"
             + ("" if layer.correction is None else f":fit {float(np.abs(layer.correction).sum()):.9g}")
+            + f":bias {float(np.abs(layer.bias).sum()):.9g}"
             for layer in layers]
 
 

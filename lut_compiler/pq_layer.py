@@ -9,7 +9,8 @@ and the layer's weight W [C*V, N]:
     tables T = P . W (+ F, a fixed fitted correction) [C, K, N], fake-quantized per column to int8 like `codebooks.quantize_tables`
         (s[n] = max |T[:, :, n]| / 127, T_q = clip(round(T / s), -127, 127); the rounding is
         straight-through)
-    y[r, n] = s[n] * sum_c T_q[c, code[r, c], n]                (no bias: the graph adds it)
+    y[r, n] = s[n] * sum_c T_q[c, code[r, c], n] (+ b[n])      (the layer's own bias: the graph adds it;
+                                                                b: an optional learned shift)
 
 so the forward pass computes what encode + lookup-add compute on the same centroids (the
 sums of int8 entries are exact in float32 up to 2^24 / 127 codebooks).
@@ -30,11 +31,14 @@ class PQLayer(nn.Module):
 
     centroids [C, K, V] (trainable), weight [C*V, N] (a buffer unless `train_weight`),
     table_dtype "int8" (fake-quantized tables) or "float32", correction [C, K, N] (a fixed
-    buffer added to P . W: `codebooks.fit_correction`; None: none).
+    buffer added to P . W: `codebooks.fit_correction`; None: none), shift (an output shift
+    b [N] that the compiler adds to the layer's bias; None: none) and train_shift (b trains,
+    from zero when not given).
     """
 
     def __init__(self, centroids: np.ndarray, weight: np.ndarray, table_dtype: str = "int8",
-                 train_weight: bool = False, correction: np.ndarray | None = None) -> None:
+                 train_weight: bool = False, correction: np.ndarray | None = None,
+                 shift: np.ndarray | None = None, train_shift: bool = False) -> None:
         super().__init__()
         c, k, v = centroids.shape
         if weight.shape[0] != c * v:
@@ -47,6 +51,10 @@ class PQLayer(nn.Module):
             self.register_buffer("weight", w)
         fitted = None if correction is None else torch.from_numpy(np.array(correction, np.float32))
         self.register_buffer("correction", fitted)  # None: not in the state dict
+        if shift is None and train_shift:
+            shift = np.zeros(weight.shape[1], np.float32)
+        self.shift = None if shift is None else nn.Parameter(torch.from_numpy(np.array(shift, np.float32)),
+                                                             requires_grad=train_shift)
         # t = softplus(theta) + 1 starts at 2
         self.theta = nn.Parameter(torch.tensor(float(np.log(np.e - 1.0))))
         self.table_dtype = table_dtype
@@ -83,20 +91,22 @@ class PQLayer(nn.Module):
 
     def forward(self, sub: torch.Tensor) -> torch.Tensor:
         tables, scale = self.tables()
-        sums = torch.einsum("rck,ckn->rn", self.assignment(sub), tables)
-        return sums * scale
+        out = torch.einsum("rck,ckn->rn", self.assignment(sub), tables) * scale
+        return out if self.shift is None else out + self.shift
 
     def codes(self, sub: torch.Tensor) -> torch.Tensor:
         """uint8 codes [R, C] the forward pass uses."""
         return self.distances(sub).argmin(-1).to(torch.uint8)
 
-    def exported(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(centroids f32 [C, K, V], tables int8|f32 [C, K, N], scale f32 [N]) for the compiler:
-        the same tables and scale the forward pass uses."""
+    def exported(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(centroids f32 [C, K, V], tables int8|f32 [C, K, N], scale f32 [N], shift f32 [N]) for
+        the compiler: the same tables, scale and shift (zeros without one) the forward pass uses."""
         with torch.no_grad():
             tables, scale = self.tables()
             dtype = np.int8 if self.table_dtype == "int8" else np.float32
-            return (self.centroids.numpy().copy(), tables.numpy().astype(dtype), scale.numpy().astype(np.float32))
+            shift = np.zeros(len(scale), np.float32) if self.shift is None else self.shift.numpy().copy()
+            return (self.centroids.numpy().copy(), tables.numpy().astype(dtype), scale.numpy().astype(np.float32),
+                    shift)
 
 
 class PQLinear(nn.Module):

@@ -51,6 +51,21 @@ def test_pq_layer_forward_is_the_numpy_lookup_add(table_dtype, seed):
     np.testing.assert_allclose(exported[2], scale, rtol=1e-6)
 
 
+def test_pq_layer_shift_is_added_and_trains_only_when_asked():
+    sub, centroids, weight = _pq_case(3)
+    x = torch.from_numpy(sub)
+    plain = PQLayer(centroids, weight)
+    shift = np.random.default_rng(4).standard_normal(weight.shape[1]).astype(np.float32)
+    fixed = PQLayer(centroids, weight, shift=shift)
+    with torch.no_grad():
+        np.testing.assert_allclose(fixed(x).numpy(), plain(x).numpy() + shift, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fixed.exported()[3], shift)
+    assert plain.shift is None and not plain.exported()[3].any() and not fixed.shift.requires_grad
+    trained = PQLayer(centroids, weight, train_shift=True)
+    trained(x).sum().backward()
+    np.testing.assert_allclose(trained.shift.grad.numpy(), np.full(weight.shape[1], len(sub)), rtol=1e-6)
+
+
 def test_pq_layer_gradients_are_the_soft_assignments():
     """Straight-through: the backward pass is that of softmax(-dist * t), t = softplus(theta) + 1."""
     sub, centroids, weight = _pq_case(2)
@@ -179,6 +194,27 @@ def test_compiled_model_computes_the_trained_forward_pass(tmp_path):
     imported = import_onnx(path, {"x": (2, 3, 8, 8)})
     _, plain = apply_lut(imported, replace(cfg, table_fit=None), feeds, resolve_target("host"), progress=False)
     assert plain.refined["learn"][0]["resumed_from"] == 0 and all(layer.correction is None for layer in plain.layers)
+
+
+def test_trained_weights_and_bias_reach_the_compiled_model(tmp_path):
+    """With the replaced layers' weights and output shifts training too, the compiled model
+    still equals the student's forward pass, and the shifts moved the layers' biases."""
+    path, feeds = _cnn_case(tmp_path, samples=10)
+    learn = LearnConfig(epochs=3, lr=3e-3, batch=4, train_weights=True, train_bias=True,
+                        checkpoint=str(tmp_path / "learn.pt"))
+    cfg = LutConfig(holdout=0.3, learn=learn)
+    model = lut_compiler.compile(path, CompileConfig(input_shapes={"x": (2, 3, 8, 8)}, lut=cfg), progress=False,
+                                 calibration=feeds)
+    result = _assert_compiled_is_the_view(model, path, cfg, feeds, seed=98)
+    assert result.refined["learn"][0]["resumed_from"] == 3
+    own = [layer.plan.candidate.bias for layer in result.layers]
+    assert all(b is None or b.shape == layer.bias.shape for b, layer in zip(own, result.layers))
+    assert all(not np.allclose(layer.bias, 0 if b is None else b) for b, layer in zip(own, result.layers))
+    # a checkpoint of centroids alone is not resumed with the bias training
+    imported = import_onnx(path, {"x": (2, 3, 8, 8)})
+    _, other = apply_lut(imported, replace(cfg, learn=replace(learn, train_bias=False)), feeds,
+                         resolve_target("host"), progress=False)
+    assert other.refined["learn"][0]["resumed_from"] == 0
 
 
 # ---------------------------------------------------------------- layer choice under a budget
