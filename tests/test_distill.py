@@ -52,6 +52,7 @@ def test_pq_layer_forward_is_the_numpy_lookup_add(table_dtype, seed):
 
 
 def test_pq_layer_shift_is_added_and_trains_only_when_asked():
+    """A given shift is added to the output and exported; only train_shift gives it gradients."""
     sub, centroids, weight = _pq_case(3)
     x = torch.from_numpy(sub)
     plain = PQLayer(centroids, weight)
@@ -210,7 +211,7 @@ def test_trained_weights_and_bias_reach_the_compiled_model(tmp_path):
     own = [layer.plan.candidate.bias for layer in result.layers]
     assert all(b is None or b.shape == layer.bias.shape for b, layer in zip(own, result.layers))
     assert all(not np.allclose(layer.bias, 0 if b is None else b) for b, layer in zip(own, result.layers))
-    # a checkpoint of centroids alone is not resumed with the bias training
+    # the checkpoint of this run (bias trained) is not resumed by a run that does not train the bias
     imported = import_onnx(path, {"x": (2, 3, 8, 8)})
     _, other = apply_lut(imported, replace(cfg, learn=replace(learn, train_bias=False)), feeds,
                          resolve_target("host"), progress=False)
