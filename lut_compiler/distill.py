@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .codebooks import LutLayer
+from .codebooks import LutLayer, make_tables
 from .config import LearnConfig
 from .calibration import Feeds
 from .pq_layer import PQConv2d, PQLayer, PQLinear
@@ -137,9 +137,9 @@ def _learned(layer: LutLayer, pq: PQLayer) -> LutLayer:
     centroids, tables, scale, shift = pq.exported()
     correction = layer.correction
     if isinstance(pq.weight, torch.nn.Parameter):  # trained weights: their share of the tables, P . (W' - W),
-        original = torch.from_numpy(np.array(layer.plan.rule.weight_matrix(layer.plan.candidate), np.float32))
-        with torch.no_grad():  # joins the correction, so that views made of the layer compute these tables
-            moved = torch.einsum("ckv,cvn->ckn", pq.centroids, pq.weight - original.reshape(pq.weight.shape)).numpy()
+        # joins the correction, so that views made of the layer compute these tables
+        original = layer.plan.rule.weight_matrix(layer.plan.candidate)
+        moved = make_tables(centroids, pq.weight.detach().numpy().reshape(original.shape) - original)
         correction = moved if correction is None else correction + moved
     return replace(layer, centroids=centroids, tables=tables, scale=scale, bias=layer.own_bias + shift,
                    correction=correction, snr_db=None)
